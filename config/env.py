@@ -1,0 +1,187 @@
+"""Typed readers for settings that come from the environment.
+
+Every reader fails loudly with ImproperlyConfigured naming the variable, the value it got and
+what would be accepted, so a typo in a deployment stops the process at start instead of
+surfacing as a strange runtime behaviour hours later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip()
+
+
+def env_str(name: str, default: str) -> str:
+    value = _raw(name)
+    return default if value is None or value == "" else value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = _raw(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off.")
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a whole number: set it to e.g. {default}.") from None
+    _check_range(name, number, minimum, maximum)
+    return number
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number: set it to e.g. {default}.") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ImproperlyConfigured(f"{name}={value!r} must be a finite number.")
+    _check_range(name, number, minimum, maximum)
+    return number
+
+
+def _check_range(name: str, number: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name}={number} is too small: it must be at least {minimum}.")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name}={number} is too large: it must be at most {maximum}.")
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default).lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}.")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_path(name: str, default: Path, *, base: Path) -> Path:
+    value = _raw(name)
+    path = Path(value).expanduser() if value else default
+    if not path.is_absolute():
+        path = base / path
+    return path.resolve()
+
+
+def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
+    """Turn DATABASE_URL into a Django DATABASES entry (SQLite or PostgreSQL)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        # sqlite:///relative/or/absolute.sqlite3: the path is everything after "sqlite://".
+        raw_path = unquote(url[len("sqlite://") :])
+        if raw_path in ("", "/"):
+            raise ImproperlyConfigured(
+                f"DATABASE_URL={url!r} names no file: use sqlite:///var/db.sqlite3 (relative) "
+                "or sqlite:////srv/app/db.sqlite3 (absolute)."
+            )
+        if raw_path.startswith("//"):
+            path = Path(raw_path[1:])
+        else:
+            path = base / raw_path.lstrip("/")
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(path),
+            # Workers, the monitor and the web server write at once: WAL lets readers go on
+            # while one writes, IMMEDIATE takes the write lock at BEGIN so two writers queue
+            # instead of failing with "database is locked" halfway through a transaction.
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": str(path.with_name(path.stem + "-test" + path.suffix))},
+        }
+    if scheme in ("postgres", "postgresql", "pgsql"):
+        name = unquote(parts.path.lstrip("/"))
+        if not name:
+            raise ImproperlyConfigured(
+                f"DATABASE_URL={url!r} names no database: use postgresql://USER@HOST:5432/DBNAME."
+            )
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": name,
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+            "OPTIONS": options,
+            "CONN_MAX_AGE": 0,
+        }
+    raise ImproperlyConfigured(
+        f"DATABASE_URL has the unsupported scheme {scheme!r}: use sqlite:///PATH or postgresql://USER@HOST/DB."
+    )
+
+
+def parse_simulated_spec(spec: str) -> list[tuple[str, float]]:
+    """Parse GPU_SIMULATED (``NAME[:SPEED][*COUNT]``, comma separated) into (name, speed) pairs.
+
+    ``H100*2,T4:0.25`` gives [("H100", 1.0), ("H100", 1.0), ("T4", 0.25)].
+    """
+    devices: list[tuple[str, float]] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        count = 1
+        if "*" in item:
+            item, _, count_text = item.partition("*")
+            if not count_text.isdigit() or not 1 <= int(count_text) <= 64:
+                raise ImproperlyConfigured(
+                    f"GPU_SIMULATED item {raw.strip()!r}: the count after '*' must be a whole number from 1 to 64."
+                )
+            count = int(count_text)
+        speed = 1.0
+        if ":" in item:
+            item, _, speed_text = item.partition(":")
+            try:
+                speed = float(speed_text)
+            except ValueError:
+                speed = -1.0
+            if not 0.01 <= speed <= 100:
+                raise ImproperlyConfigured(
+                    f"GPU_SIMULATED item {raw.strip()!r}: the speed after ':' must be a number from 0.01 to 100."
+                )
+        name = item.strip()
+        if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or len(name) > 32:
+            raise ImproperlyConfigured(
+                f"GPU_SIMULATED item {raw.strip()!r}: the name must be 1-32 letters, digits, '-', '_' or '.'."
+            )
+        devices.extend((name, speed) for _ in range(count))
+    if not devices:
+        raise ImproperlyConfigured("GPU_SIMULATED describes no device: use e.g. 'H100*2,T4:0.25'.")
+    if len(devices) > 64:
+        raise ImproperlyConfigured(f"GPU_SIMULATED describes {len(devices)} devices; at most 64 are supported.")
+    return devices

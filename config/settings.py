@@ -1,0 +1,168 @@
+"""Settings, all from the environment (see the README's settings table)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from config.env import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_path,
+    env_str,
+    parse_simulated_spec,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = env_path("DATA_DIR", Path("var"), base=BASE_DIR)
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """Use DJANGO_SECRET_KEY, or a random key kept in DATA_DIR so sessions survive restarts."""
+    key = env_str("DJANGO_SECRET_KEY", "")
+    if key:
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+try:
+    SECRET_KEY = _secret_key()
+except FileExistsError:  # another process created it between exists() and open()
+    SECRET_KEY = (DATA_DIR / "secret_key").read_text().strip()
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_rq",
+    "gpuscheduler",
+    "personas",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "config.wsgi.application"
+
+DATABASES = {
+    "default": database_from_url(
+        env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
+        base=BASE_DIR,
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+# Sample images are served by a permission-checked admin view, never as public media.
+MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_URL = "/media/"
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+RQ_QUEUES = {"default": {"URL": REDIS_URL}}
+RQ = {"COMMIT_MODE": "on_db_commit"}
+RQ_SHOW_ADMIN_LINK = True
+
+_GPU_BACKEND = env_choice("GPU_BACKEND", "auto", ("auto", "nvml", "cpu", "simulated"))
+_GPU_SIMULATED = env_str("GPU_SIMULATED", "sim*2")
+if _GPU_BACKEND == "simulated":
+    parse_simulated_spec(_GPU_SIMULATED)  # fail at start on a bad spec, not in a worker later
+
+GPUSCHEDULER = {
+    "BACKEND": _GPU_BACKEND,
+    "SIMULATED": _GPU_SIMULATED,
+    "POLICY": env_str("GPU_POLICY", "balanced").lower(),
+    "HOST": env_str("GPU_HOST", socket.gethostname()),
+    "MAX_TEMPERATURE": env_float("GPU_MAX_TEMPERATURE", 85.0, minimum=30, maximum=120),
+    "MIN_FREE_MEMORY_MB": env_int("GPU_MIN_FREE_MEMORY_MB", 1024, minimum=0, maximum=1_000_000),
+    "MONITOR_INTERVAL": env_float("GPU_MONITOR_INTERVAL", 2.0, minimum=0.1, maximum=3600),
+    "HEARTBEAT_INTERVAL": env_float("GPU_HEARTBEAT_INTERVAL", 2.0, minimum=0.1, maximum=60),
+    "LEASE_SECONDS": env_float("GPU_LEASE_SECONDS", 10.0, minimum=1, maximum=3600),
+    "WATCHDOG_GRACE": env_float("GPU_WATCHDOG_GRACE", 30.0, minimum=1, maximum=3600),
+    "SNAPSHOT_RAW_HOURS": env_float("GPU_SNAPSHOT_RAW_HOURS", 2.0, minimum=0.1, maximum=24 * 90),
+    "SNAPSHOT_BUCKET_SECONDS": env_int("GPU_SNAPSHOT_BUCKET_SECONDS", 60, minimum=5, maximum=86400),
+    "SNAPSHOT_RETENTION_DAYS": env_float("GPU_SNAPSHOT_RETENTION_DAYS", 7.0, minimum=0.01, maximum=3650),
+}
+
+SAMPLES = {
+    "MODEL": env_str("SAMPLES_MODEL", "tiny"),
+    "MAX_PER_REQUEST": env_int("SAMPLES_MAX_PER_REQUEST", 16, minimum=1, maximum=1024),
+    "MAX_BATCH": env_int("SAMPLES_MAX_BATCH", 16, minimum=1, maximum=1024),
+    "GPU_SATURATION": env_int("SAMPLES_GPU_SATURATION", 8, minimum=1, maximum=1024),
+    "STEPS": env_int("SAMPLES_STEPS", 25, minimum=1, maximum=500),
+    "GUIDANCE": env_float("SAMPLES_GUIDANCE", 7.5, minimum=0, maximum=50),
+    "JOB_TIMEOUT": env_int("SAMPLES_JOB_TIMEOUT", 600, minimum=5, maximum=86400),
+    "MAX_ATTEMPTS": env_int("SAMPLES_MAX_ATTEMPTS", 3, minimum=1, maximum=20),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()},
+    "loggers": {
+        "rq.worker": {"level": "WARNING"},
+        "django.server": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,69 @@
+"""System checks for the scheduler's and the samples' settings (run by every manage.py command)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.policies import POLICIES
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    from personas.imagegen import ModelError, parse_model
+
+    problems: list[Error | Warning] = []
+    config = gpu_config()
+    samples = samples_config()
+    if config["POLICY"] not in POLICIES:
+        problems.append(
+            Error(
+                f"GPU_POLICY={config['POLICY']!r} is not a known policy.",
+                hint=f"Set GPU_POLICY to one of: {', '.join(sorted(POLICIES))}.",
+                id="gpuscheduler.E001",
+            )
+        )
+    if config["BACKEND"] not in ("auto", "nvml", "cpu", "simulated"):
+        problems.append(
+            Error(f"GPU_BACKEND={config['BACKEND']!r} is unknown.", hint="Use auto, nvml, cpu or simulated.", id="gpuscheduler.E002")
+        )
+    try:
+        parse_model(samples["MODEL"])
+    except ModelError as exc:
+        problems.append(Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003"))
+    if samples["MAX_BATCH"] < 1 or samples["MAX_PER_REQUEST"] < 1:
+        problems.append(Error("SAMPLES_MAX_BATCH and SAMPLES_MAX_PER_REQUEST must be at least 1.", id="gpuscheduler.E004"))
+    if config["HEARTBEAT_INTERVAL"] * 2 > config["LEASE_SECONDS"]:
+        problems.append(
+            Error(
+                f"GPU_LEASE_SECONDS={config['LEASE_SECONDS']} is less than two heartbeats "
+                f"(GPU_HEARTBEAT_INTERVAL={config['HEARTBEAT_INTERVAL']}): live workers would be declared dead.",
+                hint="Make GPU_LEASE_SECONDS at least 3 x GPU_HEARTBEAT_INTERVAL.",
+                id="gpuscheduler.E005",
+            )
+        )
+    url = urlsplit(settings.REDIS_URL)
+    if url.scheme not in ("redis", "rediss", "unix"):
+        problems.append(
+            Error(
+                f"REDIS_URL={settings.REDIS_URL!r} has the scheme {url.scheme!r}.",
+                hint="Use redis://HOST:6379/0, rediss:// for TLS, or unix:///path/to/redis.sock.",
+                id="gpuscheduler.E006",
+            )
+        )
+    elif url.scheme == "redis" and (url.hostname or "") not in LOCAL_HOSTS and not url.password:
+        problems.append(
+            Warning(
+                "REDIS_URL points at another host without a password or TLS. Jobs are pickled: whoever can "
+                "write to this Redis can run code on every worker.",
+                hint="Use rediss:// with a password (requirepass / ACL) and keep Redis off public networks.",
+                id="gpuscheduler.W001",
+            )
+        )
+    return problems

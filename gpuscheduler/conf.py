@@ -1,0 +1,42 @@
+"""The scheduler's options: settings.GPUSCHEDULER merged over defaults, read at call time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    "BACKEND": "auto",
+    "SIMULATED": "sim*2",
+    "POLICY": "balanced",
+    "HOST": "localhost",
+    "MAX_TEMPERATURE": 85.0,
+    "MIN_FREE_MEMORY_MB": 1024,
+    "MONITOR_INTERVAL": 2.0,
+    "HEARTBEAT_INTERVAL": 2.0,
+    "LEASE_SECONDS": 10.0,
+    "WATCHDOG_GRACE": 30.0,
+    "SNAPSHOT_RAW_HOURS": 2.0,
+    "SNAPSHOT_BUCKET_SECONDS": 60,
+    "SNAPSHOT_RETENTION_DAYS": 7.0,
+}
+
+SAMPLES_DEFAULTS: dict[str, Any] = {
+    "MODEL": "tiny",
+    "MAX_PER_REQUEST": 16,
+    "MAX_BATCH": 16,
+    "GPU_SATURATION": 8,
+    "STEPS": 25,
+    "GUIDANCE": 7.5,
+    "JOB_TIMEOUT": 600,
+    "MAX_ATTEMPTS": 3,
+}
+
+
+def gpu_config() -> dict[str, Any]:
+    return {**DEFAULTS, **getattr(settings, "GPUSCHEDULER", {})}
+
+
+def samples_config() -> dict[str, Any]:
+    return {**SAMPLES_DEFAULTS, **getattr(settings, "SAMPLES", {})}

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections
+
+from gpuscheduler.backends import BackendUnavailable, get_backend
+from gpuscheduler.conf import gpu_config
+from gpuscheduler.services import assignments_recover, snapshots_compact, snapshots_record
+
+COMPACT_EVERY_SECONDS = 60.0
+
+
+class Command(BaseCommand):
+    help = (
+        "Read every device of this host, store snapshots, mark unhealthy devices, re-run the work of "
+        "dead workers, and keep the snapshot history bounded."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--once", action="store_true", help="Take one reading of every device and exit.")
+        parser.add_argument("--interval", type=float, default=None, help="Seconds between readings (GPU_MONITOR_INTERVAL).")
+
+    def handle(self, *args: Any, once: bool, interval: float | None, **options: Any) -> None:
+        config = gpu_config()
+        interval = float(config["MONITOR_INTERVAL"]) if interval is None else interval
+        if not 0.1 <= interval <= 3600:
+            raise CommandError(f"--interval {interval} is out of range: use 0.1 to 3600 seconds.")
+        try:
+            backend = get_backend()
+        except BackendUnavailable as exc:
+            raise CommandError(f"{exc}. Set GPU_BACKEND=cpu to monitor the CPU only.") from exc
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *a: stopping.append(True))
+        signal.signal(signal.SIGINT, lambda *a: stopping.append(True))
+        last_compact = 0.0
+        try:
+            while not stopping:
+                started = time.monotonic()
+                close_old_connections()
+                snapshots = snapshots_record(backend=backend, host=config["HOST"])
+                if once:
+                    for snap in snapshots:
+                        self.stdout.write(f"{snap.device.label}: {snap.health} {snap.error}".rstrip())
+                    return
+                try:
+                    assignments_recover()
+                    if started - last_compact > COMPACT_EVERY_SECONDS:
+                        snapshots_compact()
+                        last_compact = started
+                except Exception as exc:  # the collector never stops for a reconciliation error
+                    self.stderr.write(f"gpumonitor: recovery failed: {exc}")
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            backend.close()

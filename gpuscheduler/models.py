@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class DeviceKind(models.TextChoices):
+    CUDA = "cuda", "CUDA GPU"
+    CPU = "cpu", "CPU"
+    SIMULATED = "simulated", "Simulated GPU"
+
+
+class Health(models.TextChoices):
+    HEALTHY = "healthy", "Healthy"
+    PROBATION = "probation", "Probation"
+    UNHEALTHY = "unhealthy", "Unhealthy"
+
+
+class WorkerState(models.TextChoices):
+    IDLE = "idle", "Idle"
+    BUSY = "busy", "Busy"
+    PAUSED = "paused", "Paused (device not admitted)"
+    STOPPED = "stopped", "Stopped"
+
+
+class Device(models.Model):
+    """One GPU (or the CPU) of one host, keyed by host and the UUID NVML reports."""
+
+    host = models.CharField(max_length=255)
+    uuid = models.CharField(max_length=96)
+    name = models.CharField(max_length=200)
+    index = models.PositiveIntegerField(null=True, blank=True, help_text="NVML index (not CUDA's).")
+    pci_bus_id = models.CharField(max_length=64, blank=True)
+    memory_total = models.BigIntegerField(default=0, help_text="Bytes.")
+    kind = models.CharField(max_length=16, choices=DeviceKind.choices)
+    speed = models.FloatField(default=1.0, help_text="Relative speed (simulated devices only).")
+    health = models.CharField(max_length=16, choices=Health.choices, default=Health.PROBATION)
+    health_reason = models.CharField(max_length=500, blank=True)
+    health_changed_at = models.DateTimeField(null=True, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    worker_name = models.CharField(max_length=200, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    worker_state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.STOPPED)
+    worker_seen_at = models.DateTimeField(null=True, blank=True)
+    current_assignment = models.ForeignKey(
+        "gpuscheduler.Assignment", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["host", "index", "uuid"]
+        constraints = [models.UniqueConstraint(fields=["host", "uuid"], name="device_unique_host_uuid")]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        if self.kind == DeviceKind.CPU:
+            return f"CPU ({self.host})"
+        prefix = "SIM" if self.kind == DeviceKind.SIMULATED else "GPU"
+        return f"{prefix} {self.index} {self.name}"
+
+    @property
+    def short_uuid(self) -> str:
+        return self.uuid.removeprefix("GPU-").removeprefix("SIM-")[:8]
+
+
+class Snapshot(models.Model):
+    """One reading of one device; `bucket_seconds` > 0 marks a downsampled average."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="snapshots")
+    taken_at = models.DateTimeField()
+    bucket_seconds = models.PositiveIntegerField(default=0)
+    memory_used = models.BigIntegerField(null=True, blank=True, help_text="Bytes, from nvmlDeviceGetMemoryInfo.")
+    memory_total = models.BigIntegerField(null=True, blank=True)
+    utilization = models.FloatField(null=True, blank=True, help_text="GPU (compute) utilization, %.")
+    temperature = models.FloatField(null=True, blank=True, help_text="Degrees C.")
+    power_watts = models.FloatField(null=True, blank=True)
+    throttle_reasons = models.CharField(max_length=300, blank=True)
+    health = models.CharField(max_length=16, choices=Health.choices)
+    error = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["device", "-taken_at"]
+        indexes = [
+            models.Index(fields=["device", "taken_at"], name="snapshot_device_time"),
+            models.Index(fields=["bucket_seconds", "taken_at"], name="snapshot_bucket_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.device} at {self.taken_at:%Y-%m-%d %H:%M:%S}"
+
+
+class AssignmentKind(models.TextChoices):
+    SAMPLES = "samples", "Sample images"
+    CANARY = "canary", "Canary"
+
+
+class AssignmentState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    RETRIED = "retried", "Failed, retried"
+    ABANDONED = "abandoned", "Abandoned (worker lost), retried"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+LIVE_STATES = (AssignmentState.QUEUED, AssignmentState.RUNNING)
+
+
+class Assignment(models.Model):
+    """One attempt at one chunk of a request's images: where it was placed, where it ran, how it ended.
+
+    A chunk is (request, first_index, image_count). Each retry is a new row with attempt + 1, so the
+    history keeps the abandoned attempt beside the one that finished. The row's primary key is the
+    attempt token: only the attempt whose row is still RUNNING may commit images.
+    """
+
+    kind = models.CharField(max_length=16, choices=AssignmentKind.choices, default=AssignmentKind.SAMPLES)
+    request = models.ForeignKey(
+        "personas.SampleRequest", null=True, blank=True, on_delete=models.CASCADE, related_name="assignments"
+    )
+    first_index = models.PositiveIntegerField(default=0)
+    image_count = models.PositiveIntegerField()
+    attempt = models.PositiveIntegerField(default=1)
+    job_id = models.CharField(max_length=64, unique=True)
+    queue_name = models.CharField(max_length=100)
+    planned_device = models.ForeignKey(Device, on_delete=models.PROTECT, related_name="planned_assignments")
+    device = models.ForeignKey(
+        Device, null=True, blank=True, on_delete=models.PROTECT, related_name="ran_assignments"
+    )
+    pinned = models.BooleanField(default=False)
+    policy = models.CharField(max_length=40)
+    reason = models.CharField(max_length=500)
+    worker_name = models.CharField(max_length=200, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    state = models.CharField(max_length=16, choices=AssignmentState.choices, default=AssignmentState.QUEUED)
+    error = models.TextField(blank=True)
+    queued_at = models.DateTimeField(auto_now_add=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True, help_text="When it reached Redis.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    peak_memory = models.BigIntegerField(null=True, blank=True, help_text="Bytes, where known.")
+    calls = models.PositiveIntegerField(default=0, help_text="Pipeline calls made.")
+
+    class Meta:
+        ordering = ["-queued_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["request", "first_index"],
+                condition=Q(state__in=["queued", "running"]),
+                name="assignment_one_live_attempt_per_chunk",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["state", "heartbeat_at"], name="assignment_state_heartbeat"),
+            models.Index(fields=["planned_device", "state"], name="assignment_planned_state"),
+            models.Index(fields=["device", "started_at"], name="assignment_device_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} ({self.get_state_display()})"
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + self.image_count - 1
+
+
+class GpuStatusPage(models.Model):
+    """No table: carries the permission that opens the GPU status page (the django-rq way)."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = [("view_gpu_status", "Can view the GPU status page")]
+        verbose_name = "GPU status"
+        verbose_name_plural = "GPU status"

@@ -1,0 +1,106 @@
+"""Redis and RQ in one place: the connection, queue names and how an assignment is enqueued.
+
+Queue layout (work-conserving in RQ's own terms):
+- every device has a queue ``gpu.<device id>`` that the scheduler fills by policy;
+- every worker reads its own queue first and then every other device's queue, so an idle worker
+  steals and a dead or unhealthy device's queue drains into the others;
+- jobs pinned to a device by an explicit choice sit on ``gpu.<device id>.pinned``, which only
+  that device's worker reads.
+
+An RQ job is only a wake-up call that names an assignment: the database row is the truth, and
+every execution starts with an atomic claim of that row, so a job delivered twice runs once.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import redis
+from django.conf import settings
+from django.utils import timezone
+from rq import Queue
+
+from gpuscheduler.conf import samples_config
+from gpuscheduler.models import Assignment, AssignmentKind
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+JOB_FUNCTIONS = {AssignmentKind.SAMPLES: "personas.jobs.generate_samples"}
+
+
+@lru_cache(maxsize=4)
+def _connection(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=15)
+
+
+def redis_connection() -> redis.Redis:
+    return _connection(settings.REDIS_URL)
+
+
+def device_queue_name(device_id: int, *, pinned: bool = False) -> str:
+    return f"gpu.{device_id}.pinned" if pinned else f"gpu.{device_id}"
+
+
+def get_queue(name: str, connection: redis.Redis | None = None) -> Queue:
+    return Queue(name, connection=connection or redis_connection())
+
+
+def enqueue_assignment(assignment: Assignment, connection: redis.Redis | None = None) -> None:
+    """Put one assignment's job on its queue (raises a Redis error if Redis is down)."""
+    config = samples_config()
+    queue = get_queue(assignment.queue_name, connection)
+    queue.enqueue_call(
+        func=JOB_FUNCTIONS[AssignmentKind(assignment.kind)],
+        args=(assignment.pk,),
+        job_id=assignment.job_id,
+        timeout=config["JOB_TIMEOUT"],
+        result_ttl=3600,
+        failure_ttl=7 * 86400,
+        description=f"assignment {assignment.pk}: {assignment.image_count} images, attempt {assignment.attempt}",
+    )
+
+
+def enqueue_assignments(assignments: list[Assignment]) -> int:
+    """Enqueue what can be enqueued now; return how many reached Redis.
+
+    A Redis outage is not an error here: the rows stay QUEUED with no `enqueued_at`, and the
+    reconciler (gpuscheduler.services.assignments_recover) enqueues them once Redis answers.
+    """
+    done = 0
+    try:
+        connection = redis_connection()
+        for assignment in assignments:
+            enqueue_assignment(assignment, connection)
+            Assignment.objects.filter(pk=assignment.pk).update(enqueued_at=timezone.now())
+            done += 1
+    except REDIS_ERRORS as exc:
+        log.warning("Redis is unavailable (%s): %d job(s) wait for the reconciler", exc, len(assignments) - done)
+    return done
+
+
+def queue_job_ids(name: str, connection: redis.Redis) -> set[str]:
+    return {jid.decode() if isinstance(jid, bytes) else jid for jid in connection.lrange(f"rq:queue:{name}", 0, -1)}
+
+
+def queue_depths(names: list[str]) -> dict[str, int | None]:
+    """Jobs waiting in each queue; None for every queue when Redis is down."""
+    try:
+        connection = redis_connection()
+        with connection.pipeline() as pipe:
+            for name in names:
+                pipe.llen(f"rq:queue:{name}")
+            lengths = pipe.execute()
+    except REDIS_ERRORS:
+        return dict.fromkeys(names)
+    return {name: int(length) for name, length in zip(names, lengths, strict=True)}
+
+
+def cancel_job(job_id: str, queue_name: str) -> None:
+    """Take a job off its queue (best effort: a job that runs anyway finds its row cancelled)."""
+    try:
+        redis_connection().lrem(f"rq:queue:{queue_name}", 0, job_id)
+    except REDIS_ERRORS as exc:
+        log.info("could not remove job %s from Redis (%s); its claim will fail instead", job_id, exc)

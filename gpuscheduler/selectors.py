@@ -1,0 +1,181 @@
+"""Reads: the latest state of every device, as policies and pages need it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import OuterRef, Subquery, Sum
+from django.utils import timezone
+
+from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
+from gpuscheduler.policies import DeviceView, Limits
+
+
+def latest_snapshots(device_ids: list[int] | None = None) -> dict[int, Snapshot]:
+    """The newest snapshot of every device, in one query that walks the (device, taken_at) index."""
+    newest = Snapshot.objects.filter(device=OuterRef("pk")).order_by("-taken_at", "-id").values("id")[:1]
+    devices = Device.objects.all() if device_ids is None else Device.objects.filter(pk__in=device_ids)
+    ids = devices.annotate(snapshot_id=Subquery(newest)).values("snapshot_id")
+    return {s.device_id: s for s in Snapshot.objects.filter(id__in=ids)}
+
+
+def limits() -> Limits:
+    config = gpu_config()
+    return Limits(
+        max_temperature=float(config["MAX_TEMPERATURE"]),
+        min_free_memory=int(config["MIN_FREE_MEMORY_MB"]) * 1024 * 1024,
+    )
+
+
+def worker_alive(device: Device, now: datetime | None = None) -> bool:
+    if not device.worker_name or device.worker_seen_at is None:
+        return False
+    lease = timedelta(seconds=float(gpu_config()["LEASE_SECONDS"]))
+    return device.worker_seen_at >= (now or timezone.now()) - lease
+
+
+def saturation(kind: str) -> int:
+    return int(samples_config()["GPU_SATURATION"]) if kind == DeviceKind.CUDA else 1
+
+
+def device_backlogs() -> dict[int, tuple[int, int]]:
+    """(queued images planned on, running images on) per device id."""
+    queued = (
+        Assignment.objects.filter(state=AssignmentState.QUEUED)
+        .values("planned_device")
+        .annotate(images=Sum("image_count"))
+    )
+    running = (
+        Assignment.objects.filter(state=AssignmentState.RUNNING).values("device").annotate(images=Sum("image_count"))
+    )
+    backlog: dict[int, tuple[int, int]] = {}
+    for row in queued:
+        backlog[row["planned_device"]] = (int(row["images"] or 0), 0)
+    for row in running:
+        if row["device"] is not None:
+            q, _ = backlog.get(row["device"], (0, 0))
+            backlog[row["device"]] = (q, int(row["images"] or 0))
+    return backlog
+
+
+def device_views(devices: list[Device] | None = None) -> list[DeviceView]:
+    devices = list(Device.objects.all()) if devices is None else devices
+    snapshots = latest_snapshots([d.pk for d in devices])
+    backlogs = device_backlogs()
+    now = timezone.now()
+    views = []
+    for device in devices:
+        snap = snapshots.get(device.pk)
+        queued, running = backlogs.get(device.pk, (0, 0))
+        views.append(
+            DeviceView(
+                id=device.pk,
+                label=device.label,
+                kind=device.kind,
+                healthy=device.health == Health.HEALTHY,
+                worker_alive=worker_alive(device, now),
+                memory_used=snap.memory_used if snap else None,
+                memory_total=(snap.memory_total if snap else None) or device.memory_total or None,
+                utilization=snap.utilization if snap else None,
+                temperature=snap.temperature if snap else None,
+                speed=device.speed,
+                saturation=saturation(device.kind),
+                queued_images=queued,
+                running_images=running,
+            )
+        )
+    return views
+
+
+def placement_sequence() -> int:
+    """A number that grows with every placement, for round-robin turns."""
+    last = Assignment.objects.order_by("-id").values_list("id", flat=True).first()
+    return int(last or 0)
+
+
+def device_resolve(text: str, *, host: str | None = None) -> Device | None:
+    """Find a device by database id, UUID (or its prefix), NVML index on this host, or 'cpu'."""
+    text = text.strip()
+    host = host or gpu_config()["HOST"]
+    here = Device.objects.filter(host=host)
+    if text.lower() == "cpu":
+        return here.filter(kind=DeviceKind.CPU).first()
+    if text.isdigit():
+        return here.filter(index=int(text)).exclude(kind=DeviceKind.CPU).first()
+    exact = here.filter(uuid=text).first() or Device.objects.filter(uuid=text).first()
+    if exact:
+        return exact
+    if len(text) >= 6:
+        matches = list(Device.objects.filter(uuid__icontains=text)[:2])
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
+    """Every device with its latest snapshot, health, worker and current job, as plain data."""
+    now = now or timezone.now()
+    devices = list(Device.objects.select_related("current_assignment__request__persona"))
+    snapshots = latest_snapshots([d.pk for d in devices])
+    backlogs = device_backlogs()
+    rows = []
+    for device in devices:
+        snap = snapshots.get(device.pk)
+        alive = worker_alive(device, now)
+        current = device.current_assignment if alive else None
+        queued, running = backlogs.get(device.pk, (0, 0))
+        rows.append(
+            {
+                "id": device.pk,
+                "label": device.label,
+                "name": device.name,
+                "uuid": device.uuid,
+                "short_uuid": device.short_uuid,
+                "host": device.host,
+                "index": device.index,
+                "kind": device.kind,
+                "health": device.health,
+                "health_reason": device.health_reason,
+                "health_changed_at": _iso(device.health_changed_at),
+                "snapshot": None
+                if snap is None
+                else {
+                    "taken_at": _iso(snap.taken_at),
+                    "age_seconds": round((now - snap.taken_at).total_seconds(), 1),
+                    "memory_used": snap.memory_used,
+                    "memory_total": snap.memory_total or device.memory_total or None,
+                    "utilization": snap.utilization,
+                    "temperature": snap.temperature,
+                    "power_watts": snap.power_watts,
+                    "throttle_reasons": [r for r in snap.throttle_reasons.split(",") if r],
+                    "error": snap.error,
+                },
+                "worker": {
+                    "state": device.worker_state if alive else "missing",
+                    "name": device.worker_name if alive else "",
+                    "heartbeat_age_seconds": round((now - device.worker_seen_at).total_seconds(), 1)
+                    if device.worker_seen_at
+                    else None,
+                },
+                "current_job": None
+                if current is None
+                else {
+                    "job_id": current.job_id,
+                    "assignment": current.pk,
+                    "persona": current.request.persona.name if current.request else "(canary)",
+                    "persona_id": current.request.persona_id if current.request else None,
+                    "images": current.image_count,
+                    "running_since": _iso(current.started_at),
+                    "running_seconds": round((now - current.started_at).total_seconds(), 1) if current.started_at else None,
+                },
+                "queued_images": queued,
+                "running_images": running,
+            }
+        )
+    return rows
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,216 @@
+"""A simulated GPU backend for tests, benchmarks and demos on machines without GPUs.
+
+Devices come from GPU_SIMULATED (``NAME[:SPEED][*COUNT]``). Their memory, utilization and
+temperature move with the load that simulated workers report, and tests flip fault switches
+(device lost, NVML error, over temperature, out of memory, hang). State is shared by every
+process of the installation (monitor, workers, tests) through one JSON file under DATA_DIR,
+read and written under an exclusive lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from config.env import parse_simulated_spec
+from gpuscheduler.backends import DeviceInfo, Reading
+
+GIB = 1024**3
+MEMORY_BY_NAME = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10": 24, "L4": 24, "T4": 16, "V100": 32}
+DEFAULT_MEMORY_GIB = 24
+BASE_MEMORY = 512 * 1024**2  # what a driver and an idle context hold
+ACTIVATION_BYTES_PER_IMAGE = GIB // 2
+IDLE_C, BUSY_C, OVER_C, TAU_S = 35.0, 78.0, 97.0, 20.0
+_NAMESPACE = uuidlib.UUID("6f1c1c52-5b6e-4b8e-9a4a-3d1f0e2a7c11")
+
+FAULTS = ("lost", "nvml_error", "over_temperature", "oom_above_batch", "hang_seconds", "hang_native", "fail")
+
+
+def simulated_uuid(host: str, index: int, name: str) -> str:
+    return "SIM-" + str(uuidlib.uuid5(_NAMESPACE, f"{host}/{index}/{name}"))
+
+
+def describe(spec: str, host: str) -> list[DeviceInfo]:
+    return [
+        DeviceInfo(
+            uuid=simulated_uuid(host, index, name),
+            name=name,
+            kind="simulated",
+            index=index,
+            pci_bus_id=f"00000000:{0x10 + index:02X}:00.0",
+            memory_total=MEMORY_BY_NAME.get(name.upper(), DEFAULT_MEMORY_GIB) * GIB,
+            speed=speed,
+        )
+        for index, (name, speed) in enumerate(parse_simulated_spec(spec))
+    ]
+
+
+# --- shared state -------------------------------------------------------------------------
+
+
+def state_path() -> Path:
+    return Path(settings.DATA_DIR) / "simulated-gpus.json"
+
+
+@contextlib.contextmanager
+def _locked_state() -> Iterator[dict[str, Any]]:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            state = {}
+        yield state
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+
+
+def read_state() -> dict[str, Any]:
+    path = state_path()
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _update(uuid: str, change: Callable[[dict[str, Any], float], None]) -> None:
+    now = time.time()
+    with _locked_state() as state:
+        entry = state.setdefault(uuid, {})
+        # Fold the temperature curve up to now before the load changes its target.
+        entry["temp"] = _temperature(entry, now)
+        entry["temp_at"] = now
+        change(entry, now)
+
+
+def set_faults(uuid: str, **switches: Any) -> None:
+    """Flip fault switches on one simulated device (None clears one)."""
+    unknown = set(switches) - set(FAULTS)
+    if unknown:
+        raise ValueError(f"unknown simulated fault(s): {', '.join(sorted(unknown))}; known: {', '.join(FAULTS)}")
+
+    def change(entry: dict[str, Any], now: float) -> None:
+        faults = entry.setdefault("faults", {})
+        for key, value in switches.items():
+            if value is None or value is False:
+                faults.pop(key, None)
+            else:
+                faults[key] = value
+
+    _update(uuid, change)
+
+
+def clear_faults(uuid: str | None = None) -> None:
+    with _locked_state() as state:
+        for key, entry in state.items():
+            if uuid is None or key == uuid:
+                entry["faults"] = {}
+
+
+def faults(uuid: str) -> dict[str, Any]:
+    return dict(read_state().get(uuid, {}).get("faults", {}))
+
+
+def set_model_memory(uuid: str, nbytes: int) -> None:
+    def change(entry: dict[str, Any], now: float) -> None:
+        entry["model_bytes"] = int(nbytes)
+
+    _update(uuid, change)
+
+
+@contextlib.contextmanager
+def busy(uuid: str, images: int) -> Iterator[None]:
+    """Report a running pipeline call of `images` images on a simulated device."""
+
+    def start(entry: dict[str, Any], now: float) -> None:
+        entry["busy"] = entry.get("busy", 0) + 1
+        entry["active_bytes"] = entry.get("active_bytes", 0) + images * ACTIVATION_BYTES_PER_IMAGE
+
+    def stop(entry: dict[str, Any], now: float) -> None:
+        entry["busy"] = max(0, entry.get("busy", 0) - 1)
+        entry["active_bytes"] = max(0, entry.get("active_bytes", 0) - images * ACTIVATION_BYTES_PER_IMAGE)
+
+    _update(uuid, start)
+    try:
+        yield
+    finally:
+        _update(uuid, stop)
+
+
+def reset_load(uuid: str) -> None:
+    """Forget the load of a worker that died (the kernel freed its memory)."""
+
+    def change(entry: dict[str, Any], now: float) -> None:
+        entry["busy"] = 0
+        entry["active_bytes"] = 0
+        entry["model_bytes"] = 0
+
+    _update(uuid, change)
+
+
+def _temperature(entry: dict[str, Any], now: float) -> float:
+    start = float(entry.get("temp", IDLE_C))
+    since = float(entry.get("temp_at", now))
+    target = BUSY_C if entry.get("busy", 0) else IDLE_C
+    return target + (start - target) * math.exp(-max(0.0, now - since) / TAU_S)
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+
+class SimulatedBackend:
+    name = "simulated"
+
+    def __init__(self, spec: str, *, host: str) -> None:
+        self._infos = describe(spec, host)
+
+    def devices(self) -> list[DeviceInfo]:
+        return list(self._infos)
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> list[Reading]:
+        state = read_state()
+        now = time.time()
+        return [self._read_one(info, state.get(info.uuid, {}), now) for info in self._infos]
+
+    @staticmethod
+    def _read_one(info: DeviceInfo, entry: dict[str, Any], now: float) -> Reading:
+        switches = entry.get("faults", {})
+        if switches.get("lost"):
+            return Reading(uuid=info.uuid, ok=False, error="NVMLError_GpuIsLost: GPU is lost (simulated)")
+        if switches.get("nvml_error"):
+            return Reading(uuid=info.uuid, ok=False, error="NVMLError_Unknown: Unknown Error (simulated)")
+        running = entry.get("busy", 0) > 0
+        temperature = OVER_C if switches.get("over_temperature") else _temperature(entry, now)
+        used = BASE_MEMORY + int(entry.get("model_bytes", 0)) + int(entry.get("active_bytes", 0))
+        utilization = min(100.0, 92.0 + 2.0 * entry.get("busy", 0)) if running else 0.0
+        reasons: tuple[str, ...] = ()
+        if switches.get("over_temperature"):
+            reasons = ("sw_thermal", "hw_thermal")
+        elif not running:
+            reasons = ("gpu_idle",)
+        return Reading(
+            uuid=info.uuid,
+            ok=True,
+            memory_used=min(used, info.memory_total),
+            memory_total=info.memory_total,
+            utilization=utilization,
+            temperature=round(temperature, 1),
+            power_watts=round(60.0 + 290.0 * utilization / 100.0 * info.speed, 1),
+            throttle_reasons=reasons,
+        )

@@ -1,0 +1,52 @@
+"""The watchdog child of a gpuworker: `python -m gpuscheduler.watchdog <worker pid>`.
+
+It reads lines from its stdin, a pipe from the worker: ``deadline <unix time>`` arms it,
+``clear`` disarms it. If an armed deadline passes it SIGKILLs the worker: a job stuck in native
+code (a CUDA call) never returns to the interpreter, so rq's SIGALRM timeout cannot end it. When
+the pipe closes (the worker exited or was killed) the watchdog exits too, so it never outlives
+the worker. It imports nothing of Django or torch and costs a few megabytes.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    worker_pid = int(argv[1])
+    # Ctrl-C in a terminal reaches the whole process group; the worker decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    deadline: float | None = None
+    buffer = b""
+    stdin = sys.stdin.fileno()
+    while True:
+        if os.getppid() != worker_pid:
+            return 0
+        ready, _, _ = select.select([stdin], [], [], 0.5)
+        if ready:
+            chunk = os.read(stdin, 4096)
+            if not chunk:
+                return 0  # the worker is gone
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                words = line.decode(errors="replace").split()
+                if words[:1] == ["deadline"] and len(words) == 2:
+                    deadline = float(words[1])
+                elif words[:1] == ["clear"]:
+                    deadline = None
+        if deadline is not None and time.time() > deadline:
+            sys.stderr.write(f"watchdog: worker {worker_pid} is past its job deadline; killing it\n")
+            try:
+                os.kill(worker_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,457 @@
+"""The per-GPU worker: one long-lived RQ worker process bound to one device.
+
+Why rq's SimpleWorker and not the default forking Worker: the forking worker runs every job in
+a fresh child, which rebuilt the model on every job on the H100 (12-18 s each, 79.5 s for four
+jobs against 20.5 s), and a forked child cannot use CUDA once the parent touched it ("Cannot
+re-initialize CUDA in forked subprocess"). SimpleWorker runs jobs in its own process, so the
+pipelines stay warm: the first job loads the model, later ones start at once.
+
+What SimpleWorker lacks, and how this module adds it:
+- Heartbeats during a job: SimpleWorker sends none while a job runs. A daemon thread renews the
+  attempt's lease in the database (which the reconciler reads to detect dead workers within
+  GPU_LEASE_SECONDS instead of rq's 90-690 s), this worker's presence on its device row and rq's
+  own worker/execution heartbeats, every GPU_HEARTBEAT_INTERVAL seconds.
+- Hangs in native code: rq's SIGALRM timeout cannot interrupt a CUDA call. A watchdog child
+  process is told each job's deadline through a pipe and SIGKILLs this worker when the deadline
+  plus GPU_WATCHDOG_GRACE passes; `gpuworkers` restarts it and the reconciler re-runs the work.
+  The watchdog exits by itself when its pipe closes, so it never outlives the worker.
+- Admission: before every dequeue the worker reads its own device; while the device is not
+  healthy it takes no work (its queue is drained by the other workers, which read every
+  device's queue after their own). A device on probation runs a one-image canary first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+
+from gpuscheduler import queues
+from gpuscheduler import services as scheduler
+from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
+from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.models import (
+    Assignment,
+    AssignmentKind,
+    AssignmentState,
+    Device,
+    Health,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+
+DEQUEUE_POLL_SECONDS = 1  # the longest a worker blocks on Redis before it looks at its device again
+QUEUE_REFRESH_SECONDS = 10.0
+RECOVERY_SECONDS = 2.0
+
+
+@dataclass
+class WorkerContext:
+    """What a job running in this process needs to know about the worker it runs in."""
+
+    device: Device
+    name: str
+    host: str
+    generator: Any  # personas.imagegen.Generator: typed loosely to keep torch's adapter out of imports
+    backend: Backend | None = None
+    assignment_id: int | None = None
+    lost: threading.Event = field(default_factory=threading.Event)
+    watchdog: Watchdog | None = None
+
+    def alive(self) -> bool:
+        return not self.lost.is_set()
+
+    @contextlib.contextmanager
+    def running(self, assignment: Assignment) -> Iterator[None]:
+        """Mark an attempt as this worker's current one while its body runs."""
+        self.assignment_id = assignment.pk
+        self.lost.clear()
+        scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.BUSY, assignment_id=assignment.pk)
+        try:
+            yield
+        finally:
+            self.assignment_id = None
+            scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.IDLE)
+
+
+_context: WorkerContext | None = None
+
+
+def set_context(context: WorkerContext | None) -> None:
+    global _context
+    _context = context
+
+
+def current_context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError(
+            "This job runs only inside `python manage.py gpuworker` (or regenerate_samples --sync): "
+            "a plain rqworker is not bound to a device."
+        )
+    return _context
+
+
+# --- watchdog -----------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """A child process that SIGKILLs this worker if a job outlives its deadline."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gpuscheduler.watchdog", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            cwd=str(settings.BASE_DIR),
+        )
+
+    def arm(self, seconds: float) -> None:
+        self._send(f"deadline {time.time() + seconds + self.grace:.3f}\n")
+
+    def disarm(self) -> None:
+        self._send("clear\n")
+
+    def _send(self, line: str) -> None:
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(line.encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            log.error("the watchdog process is gone; native hangs will not be caught")
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        with contextlib.suppress(Exception):
+            self.process.wait(timeout=5)
+
+
+# --- heartbeats -------------------------------------------------------------------------------
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the attempt's lease, the device's worker presence and rq's heartbeats alive."""
+
+    def __init__(self, context: WorkerContext, interval: float, worker: GpuWorker | None = None) -> None:
+        super().__init__(name="gpuworker-heartbeat", daemon=True)
+        self.context = context
+        self.worker = worker
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # a Redis or database blip must not end the heartbeats
+                log.exception("heartbeat failed; trying again in %.1f s", self.interval)
+                close_old_connections()
+        connection.close()
+
+    def beat(self) -> None:
+        context = self.context
+        assignment_id = context.assignment_id
+        if assignment_id is not None and not scheduler.assignment_heartbeat(assignment_id=assignment_id):
+            if not context.lost.is_set():
+                log.warning("assignment %s was abandoned by the reconciler; stopping its work", assignment_id)
+            context.lost.set()
+        if self.worker is None:
+            return  # a --sync run holds no worker slot and no rq registration
+        state = WorkerState.BUSY if assignment_id else self.worker.idle_state
+        if not scheduler.worker_beat(device=context.device, name=context.name, state=state, assignment_id=assignment_id):
+            log.error("another worker has taken over %s; this one stops after its current job", context.device.label)
+            self.worker.request_stop_soon()
+        with contextlib.suppress(*queues.REDIS_ERRORS):
+            job, execution = self.worker.running
+            if job is not None and execution is not None:
+                self.worker.maintain_heartbeats(job, execution)
+            else:
+                self.worker.heartbeat()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=self.interval + 5)
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+class GpuWorker(SimpleWorker):
+    """A SimpleWorker bound to one device, reading its own queues first, then every other's."""
+
+    def __init__(self, context: WorkerContext, *, connection: redis.Redis) -> None:
+        self.context = context
+        self.idle_state = WorkerState.IDLE
+        self.running: tuple[Job | None, Any] = (None, None)
+        self._last_queue_refresh = 0.0
+        self._last_recovery = 0.0
+        self._soon_stop = False
+        super().__init__(
+            self._queue_names(),
+            name=context.name,
+            connection=connection,
+            worker_ttl=60,
+            job_monitoring_interval=int(max(1, gpu_config()["HEARTBEAT_INTERVAL"])),
+        )
+
+    # queues ------------------------------------------------------------------------------------
+
+    def _queue_names(self) -> list[str]:
+        own = self.context.device.pk
+        others = Device.objects.exclude(pk=own).order_by("pk").values_list("pk", flat=True)
+        return [
+            queues.device_queue_name(own, pinned=True),
+            queues.device_queue_name(own),
+            *(queues.device_queue_name(pk) for pk in others),
+        ]
+
+    def refresh_queues(self) -> None:
+        names = self._queue_names()
+        if names != self.queue_names():
+            self.queues = [Queue(n, connection=self.connection) for n in names]
+            self._ordered_queues = self.queues[:]
+            log.info("now reading %s", ", ".join(names))
+        self._last_queue_refresh = time.monotonic()
+
+    # the loop ----------------------------------------------------------------------------------
+
+    def request_stop_soon(self) -> None:
+        self._soon_stop = True
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+        """rq's dequeue loop, with an admission check and housekeeping before every pop."""
+        burst = timeout is None
+        self.set_state("idle")
+        backoff = 1.0
+        while True:
+            if self._stop_requested or self._soon_stop:
+                return None
+            try:
+                self.heartbeat()
+                admitted = self.housekeeping()
+                if not admitted:
+                    if burst:
+                        log.info("%s is not admitted; burst worker exits", self.context.device.label)
+                        return None
+                    time.sleep(DEQUEUE_POLL_SECONDS)
+                    continue
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    None if burst else DEQUEUE_POLL_SECONDS,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+                backoff = 1.0
+            except DequeueTimeout:
+                continue
+            except queues.REDIS_ERRORS as exc:
+                log.error("Redis is unavailable (%s); retrying in %.0f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if result is not None:
+                job, queue = result
+                log.info("%s took %s from %s", self.context.device.label, job.id, queue.name)
+                return result
+            if burst and not self.work_remains():
+                return None
+            if burst:
+                time.sleep(0.2)
+
+    def work_remains(self) -> bool:
+        """Burst mode: is there queued work this worker may run (now or once re-enqueued)?"""
+        waiting = Assignment.objects.filter(state=AssignmentState.QUEUED)
+        mine = waiting.filter(planned_device=self.context.device) | waiting.filter(pinned=False)
+        return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
+
+    def housekeeping(self) -> bool:
+        """Read the device, apply admission, refresh queues, recover; True if work may be taken."""
+        close_old_connections()
+        device = self.context.device
+        if self.context.backend is not None:
+            reading = next((r for r in self.context.backend.read() if r.uuid == device.uuid), None)
+            if reading is not None:
+                scheduler.device_health_update(device=device, admission=scheduler.reading_admission(reading))
+            else:
+                device.refresh_from_db(fields=["health", "health_reason"])
+        else:
+            device.refresh_from_db(fields=["health", "health_reason"])
+        if device.health == Health.PROBATION:
+            run_canary(self.context)
+        now = time.monotonic()
+        if now - self._last_queue_refresh > QUEUE_REFRESH_SECONDS:
+            self.refresh_queues()
+        if now - self._last_recovery > RECOVERY_SECONDS:
+            self._last_recovery = now
+            scheduler.assignments_recover()
+        admitted = device.health == Health.HEALTHY
+        self.idle_state = WorkerState.IDLE if admitted else WorkerState.PAUSED
+        return admitted
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        close_old_connections()
+        timeout = float(job.timeout or samples_config()["JOB_TIMEOUT"])
+        if self.context.watchdog is not None:
+            self.context.watchdog.arm(timeout)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.running = (None, None)
+            if self.context.watchdog is not None:
+                self.context.watchdog.disarm()
+            close_old_connections()
+
+    def prepare_execution(self, job: Job) -> Any:
+        execution = super().prepare_execution(job)
+        self.running = (job, execution)
+        return execution
+
+
+def run_canary(context: WorkerContext) -> bool:
+    """One small image on a device in probation; pass and it is healthy again, fail and it is not."""
+    device = context.device
+    model = samples_config()["MODEL"]
+    now = timezone.now()
+    record = Assignment.objects.create(
+        kind=AssignmentKind.CANARY,
+        image_count=1,
+        job_id=f"canary-{uuid.uuid4().hex}",
+        queue_name="(in-process)",
+        planned_device=device,
+        device=device,
+        policy="probation",
+        reason=device.health_reason[:500],
+        worker_name=context.name,
+        host=context.host,
+        state=AssignmentState.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        deadline_at=now + timedelta(seconds=float(samples_config()["JOB_TIMEOUT"])),
+    )
+    started = time.monotonic()
+    try:
+        context.generator.generate(model=model, prompt="canary", negative_prompt="", seeds=[0], steps=1, guidance=1.0)
+    except Exception as exc:  # any failure keeps the device out of service
+        detail = f"{type(exc).__name__}: {exc}"
+        Assignment.objects.filter(pk=record.pk).update(
+            state=AssignmentState.FAILED, finished_at=timezone.now(), error=traceback.format_exc()[-5000:]
+        )
+        context.generator.free_memory()
+        scheduler.device_probation_end(device=device, passed=False, detail=detail)
+        return False
+    seconds = time.monotonic() - started
+    Assignment.objects.filter(pk=record.pk).update(state=AssignmentState.SUCCEEDED, finished_at=timezone.now(), calls=1)
+    scheduler.device_probation_end(device=device, passed=True, detail=f"1 image in {seconds:.2f} s")
+    return True
+
+
+# --- starting a worker ----------------------------------------------------------------------------
+
+
+class DeviceNotFound(Exception):
+    pass
+
+
+def resolve_local_device(text: str) -> tuple[Backend, DeviceInfo]:
+    """Find a device of this host by UUID (or a unique prefix of it), NVML index, or 'cpu'."""
+    text = text.strip()
+    if text.lower() == "cpu":
+        cpu = CpuBackend()
+        return cpu, cpu.devices()[0]
+    backend = get_backend()
+    infos = backend.devices()
+    if text.isdigit():
+        found = [i for i in infos if i.index == int(text) and i.kind != "cpu"]
+    else:
+        found = [i for i in infos if i.uuid == text] or [i for i in infos if text and i.uuid.lower().startswith(text.lower())]
+    if len(found) != 1:
+        known = ", ".join(f"{i.index}={i.uuid} ({i.name})" for i in infos) or "none"
+        raise DeviceNotFound(
+            f"No single device of this host matches {text!r} (backend {backend.name}; devices: {known}). "
+            "Use a UUID, an NVML index or 'cpu'."
+        )
+    return backend, found[0]
+
+
+def bind_process(info: DeviceInfo) -> None:
+    """Make this process see only its device, before torch is imported (CUDA reads this once)."""
+    if info.kind == "cuda" and "torch" in sys.modules:
+        raise RuntimeError("torch was imported before the worker bound its GPU; CUDA_VISIBLE_DEVICES would be ignored")
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    # NVML's index is not CUDA's: bind by UUID. CPU and simulated workers see no GPU at all.
+    os.environ["CUDA_VISIBLE_DEVICES"] = info.uuid if info.kind == "cuda" else ""
+
+
+def attach(device: Device, name: str, host: str) -> None:
+    """Take the device's worker slot, waiting out the lease of a previous holder that died."""
+    deadline = time.monotonic() + float(gpu_config()["LEASE_SECONDS"]) + 2
+    while (why := scheduler.worker_attach(device=device, name=name, pid=os.getpid(), host=host)) is not None:
+        if time.monotonic() > deadline:
+            raise DeviceNotFound(f"{device.label} already has a live worker: {why}")
+        time.sleep(1)
+
+
+def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: bool = True) -> WorkerContext:
+    from personas.imagegen import Generator, Target  # torch-free at import time
+
+    config = gpu_config()
+    host = config["HOST"]
+    device = scheduler.device_upsert(info=info, host=host)
+    name = f"{host}.dev{device.pk}.{os.getpid()}"
+    if attach_worker:
+        attach(device, name, host)
+    if info.kind == "simulated":
+        from gpuscheduler import simulated
+
+        simulated.reset_load(info.uuid)  # whatever a dead predecessor reported is gone with it
+    generator = Generator(Target(kind=info.kind, uuid=info.uuid, speed=info.speed))
+    return WorkerContext(device=device, name=name, host=host, generator=generator, backend=backend)
+
+
+def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> None:
+    """Run a GpuWorker for one device until it is stopped (or, with burst, until no work is left)."""
+    bind_process(info)
+    context = build_context(info, backend)
+    set_context(context)
+    config = gpu_config()
+    model = samples_config()["MODEL"]
+    try:
+        started = time.monotonic()
+        context.generator.warm(model)
+        log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
+    except Exception:
+        log.exception("%s: could not load %s; jobs will fail until it loads", context.device.label, model)
+    worker = GpuWorker(context, connection=queues.redis_connection())
+    context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
+    heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), worker)
+    heartbeat.start()
+    try:
+        worker.work(burst=burst, logging_level="WARNING")
+    finally:
+        heartbeat.stop()
+        context.watchdog.stop()
+        scheduler.worker_detach(device=context.device, name=context.name)
+        set_context(None)

@@ -1,0 +1,431 @@
+"""The diffusers adapter and the per-process pipeline cache.
+
+This is the only module that imports torch and diffusers, and only inside functions: the web
+process imports it for nothing but the torch-free names (OutOfMemory, parse_model) and never
+creates a CUDA context. A worker keeps one Generator for its device; pipelines load once per
+worker and model and stay warm for every later job.
+
+SAMPLES_MODEL values:
+- ``tiny`` (default): a random-weight StableDiffusionPipeline built in code (no downloads),
+  saved once under DATA_DIR/models and from then on loaded with from_pretrained like a real one;
+- a local diffusers directory (loaded with local_files_only=True);
+- a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network access);
+- ``simulated:SECONDS``: no diffusion; each image takes SECONDS / device speed and is a
+  deterministic placeholder PNG drawn from its seed (for scheduling tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import io
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_VERSION = "tiny-sd-v1"
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory for a pipeline call (translated from torch's error)."""
+
+
+class AttemptLost(Exception):
+    """The attempt's lease was taken away mid-run: stop, its images would be dropped anyway."""
+
+
+class ModelError(Exception):
+    """SAMPLES_MODEL cannot be loaded; the message says why and what to set instead."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # "tiny", "local", "hub" or "simulated"
+    value: str
+    seconds: float = 0.0
+
+
+def parse_model(text: str) -> ModelSpec:
+    """Validate a SAMPLES_MODEL value without importing torch."""
+    text = text.strip()
+    if not text:
+        raise ModelError("SAMPLES_MODEL is empty: use 'tiny', a local diffusers directory or a hub id.")
+    if text == "tiny":
+        return ModelSpec("tiny", text)
+    if text.startswith("simulated:"):
+        try:
+            seconds = float(text.split(":", 1)[1])
+        except ValueError:
+            seconds = -1
+        if not 0 <= seconds <= 3600:
+            raise ModelError(f"SAMPLES_MODEL={text!r}: the seconds after 'simulated:' must be a number from 0 to 3600.")
+        return ModelSpec("simulated", text, seconds)
+    path = Path(text).expanduser()
+    if path.is_absolute() or text.startswith("."):
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"SAMPLES_MODEL={text!r} is not a diffusers directory (no model_index.json): "
+                "point it at a folder saved with save_pretrained()."
+            )
+        return ModelSpec("local", str(path.resolve()))
+    if text.count("/") == 1 and all(part.replace("-", "").replace("_", "").replace(".", "").isalnum() for part in text.split("/")):
+        return ModelSpec("hub", text)
+    raise ModelError(
+        f"SAMPLES_MODEL={text!r} is neither 'tiny', 'simulated:SECONDS', an absolute path to a diffusers "
+        "directory nor a hub id like 'owner/model'."
+    )
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    seed: int
+    png: bytes
+    width: int
+    height: int
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    calls: int = 0
+    peak_memory: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device a Generator runs on."""
+
+    kind: str  # cuda / cpu / simulated
+    uuid: str = "cpu"
+    speed: float = 1.0
+
+    @property
+    def torch_device(self) -> str:
+        # A worker sets CUDA_VISIBLE_DEVICES=<uuid> before torch is imported: its GPU is cuda:0.
+        return "cuda" if self.kind == "cuda" else "cpu"
+
+
+class Generator:
+    """Makes images on one device, keeping each model's pipeline loaded between jobs."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._pipelines: dict[str, Any] = {}
+        self.loads = 0
+
+    def generate(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        negative_prompt: str,
+        seeds: Sequence[int],
+        steps: int,
+        guidance: float,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> GenerationResult:
+        """Make one image per seed, in as few pipeline calls as memory allows (normally one)."""
+        spec = parse_model(model)
+        result = GenerationResult(images=[])
+        limit = len(seeds)
+        pending = list(seeds)
+        while pending:
+            batch = pending[:limit]
+            try:
+                with self._device_busy(len(batch)):
+                    self._apply_faults(len(batch), spec)
+                    if spec.kind == "simulated":
+                        images = self._simulated_call(spec, batch, alive)
+                    else:
+                        images = self._pipeline_call(spec, prompt, negative_prompt, batch, steps, guidance, alive, result)
+            except OutOfMemory as exc:
+                self.free_memory()
+                if limit == 1:
+                    raise OutOfMemory(f"out of memory even for one image per call: {exc}") from exc
+                limit = max(1, limit // 2)
+                note = f"out of memory at {len(batch)} images per call; retrying at {limit} ({exc})"
+                log.warning(note)
+                result.notes.append(note)
+                continue
+            result.calls += 1
+            result.images.extend(images)
+            pending = pending[len(batch) :]
+        return result
+
+    def warm(self, model: str) -> None:
+        """Load the model now, at worker start, rather than in the first job."""
+        spec = parse_model(model)
+        if spec.kind != "simulated":
+            self.pipeline(spec)
+
+    # --- simulated model ------------------------------------------------------------------
+
+    def _simulated_call(self, spec: ModelSpec, seeds: Sequence[int], alive: Callable[[], bool]) -> list[GeneratedImage]:
+        seconds = spec.seconds * len(seeds) / max(self.target.speed, 0.01)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+            if not alive():
+                raise AttemptLost("the attempt was abandoned while it ran")
+        return [placeholder_image(seed) for seed in seeds]
+
+    # --- diffusers --------------------------------------------------------------------------
+
+    def pipeline(self, spec: ModelSpec) -> Any:
+        key = spec.value
+        if key not in self._pipelines:
+            started = time.monotonic()
+            self._pipelines[key] = load_pipeline(spec, self.target.torch_device)
+            self.loads += 1
+            log.info("loaded %s on %s in %.2f s", key, self.target.torch_device, time.monotonic() - started)
+            if self.target.kind == "simulated":
+                from gpuscheduler import simulated
+
+                simulated.set_model_memory(self.target.uuid, 2 * 1024**3)
+        return self._pipelines[key]
+
+    def _pipeline_call(
+        self,
+        spec: ModelSpec,
+        prompt: str,
+        negative_prompt: str,
+        seeds: Sequence[int],
+        steps: int,
+        guidance: float,
+        alive: Callable[[], bool],
+        result: GenerationResult,
+    ) -> list[GeneratedImage]:
+        import torch
+
+        pipe = self.pipeline(spec)
+        device = self.target.torch_device
+        # One generator per image: every image has its own recorded, reproducible seed.
+        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if not alive():
+                raise AttemptLost("the attempt was abandoned while it ran")
+            return kwargs
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_images_per_prompt=len(seeds),
+                    generator=generators,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    output_type="pil",
+                    callback_on_step_end=on_step_end,
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(str(exc).splitlines()[0]) from exc
+        if device == "cuda":
+            peak = int(torch.cuda.max_memory_allocated())
+            result.peak_memory = max(result.peak_memory or 0, peak)
+        return [_encode(image, seed) for image, seed in zip(output.images, seeds, strict=True)]
+
+    def free_memory(self) -> None:
+        """Give back what a failed call held, keeping the loaded pipelines."""
+        gc.collect()
+        if self.target.torch_device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # --- simulated devices ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _device_busy(self, images: int) -> Iterator[None]:
+        if self.target.kind != "simulated":
+            yield
+            return
+        from gpuscheduler import simulated
+
+        with simulated.busy(self.target.uuid, images):
+            yield
+
+    def _apply_faults(self, images: int, spec: ModelSpec) -> None:
+        """Fault switches of a simulated device, flipped by tests (never consulted otherwise)."""
+        if self.target.kind != "simulated":
+            return
+        from gpuscheduler import simulated
+
+        switches = simulated.faults(self.target.uuid)
+        if switches.get("fail"):
+            raise RuntimeError(f"simulated failure: {switches['fail']}")
+        limit = switches.get("oom_above_batch")
+        if limit is not None and images > int(limit):
+            message = f"simulated: {images} images need more than the device has (limit {limit})"
+            if spec.kind == "simulated":
+                raise OutOfMemory(message)
+            import torch
+
+            try:
+                raise torch.cuda.OutOfMemoryError(message)
+            except torch.cuda.OutOfMemoryError as exc:  # the same translation as a real call
+                raise OutOfMemory(str(exc)) from exc
+        if switches.get("hang_native"):
+            # Native code that never returns to the interpreter: SIGALRM cannot interrupt it.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            try:
+                time.sleep(float(switches["hang_native"]))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if switches.get("hang_seconds"):
+            time.sleep(float(switches["hang_seconds"]))
+
+
+def _encode(image: Any, seed: int) -> GeneratedImage:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return GeneratedImage(seed=int(seed), png=buffer.getvalue(), width=image.width, height=image.height)
+
+
+def placeholder_image(seed: int, size: int = 64) -> GeneratedImage:
+    """A deterministic picture drawn from the seed (the `simulated:` model's output)."""
+    from PIL import Image, ImageDraw
+
+    digest = hashlib.sha256(str(seed).encode()).digest()
+    image = Image.new("RGB", (size, size), tuple(digest[0:3]))
+    draw = ImageDraw.Draw(image)
+    for i in range(4):
+        x0, y0 = digest[3 + 4 * i] % size, digest[4 + 4 * i] % size
+        x1, y1 = x0 + 8 + digest[5 + 4 * i] % (size // 2), y0 + 8 + digest[6 + 4 * i] % (size // 2)
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(digest[20 + i : 23 + i]))
+    draw.text((3, size - 12), str(seed % 100000), fill=(255, 255, 255))
+    return _encode(image, seed)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    """No progress bars or advice in worker logs."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def load_pipeline(spec: ModelSpec, device: str) -> Any:
+    """Load a StableDiffusion-style pipeline onto `device`: fp16 on CUDA, fp32 on the CPU."""
+    _quiet()
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if spec.kind == "tiny":
+        source, local = str(tiny_model_dir()), True
+    elif spec.kind == "local":
+        source, local = spec.value, True
+    else:
+        source, local = spec.value, False
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {spec.value!r}: {exc}") from exc
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def tiny_model_dir() -> Path:
+    """Build the tiny random-weight pipeline once per DATA_DIR (under a lock) and return its folder."""
+    root = Path(settings.DATA_DIR) / "models"
+    target = root / TINY_MODEL_VERSION
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{TINY_MODEL_VERSION}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model_index.json").is_file():
+            building = root / f".{TINY_MODEL_VERSION}.building-{os.getpid()}"
+            shutil.rmtree(building, ignore_errors=True)
+            build_tiny_pipeline().save_pretrained(building)
+            os.replace(building, target)
+            log.info("built the tiny model in %s", target)
+    return target
+
+
+def build_tiny_pipeline() -> Any:
+    """A StableDiffusionPipeline with random weights at diffusers' own test sizes (64x64 images)."""
+    _quiet()
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    # An in-memory byte-level vocabulary: no tokenizer files to download.
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(vocab),
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,13 @@
+"""RQ jobs: module-level functions that take ids, reload state and call one service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpuscheduler.worker import current_context
+from personas.services import sample_assignment_run
+
+
+def generate_samples(assignment_id: int) -> dict[str, Any]:
+    """Make one attempt's images on the device of the worker that runs it."""
+    return sample_assignment_run(assignment_id=int(assignment_id), context=current_context())

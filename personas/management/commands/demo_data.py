@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from personas.models import Persona
+
+DEMO_PERSONAS = [
+    {
+        "name": "Ada Lovelace",
+        "slug": "ada-lovelace",
+        "description": "A Victorian mathematician who explains algorithms with warmth and precision.",
+        "appearance_prompt": "portrait of a Victorian woman mathematician, dark hair in a bun, lace collar, soft window light, oil painting",
+        "negative_prompt": "blurry, deformed hands, text, watermark",
+        "base_seed": 1815,
+    },
+    {
+        "name": "Captain Nova",
+        "slug": "captain-nova",
+        "description": "A starship captain who narrates mission logs.",
+        "appearance_prompt": "sci-fi starship captain, silver uniform, confident smile, bridge lights, cinematic, 35mm",
+        "negative_prompt": "cartoon, low quality",
+        "base_seed": 2047,
+    },
+    {
+        "name": "Mika the Barista",
+        "slug": "mika-barista",
+        "description": "A friendly barista who recommends coffee and small talk.",
+        "appearance_prompt": "smiling barista with an apron in a cozy cafe, latte art, warm morning light, photo",
+        "negative_prompt": "dark, gloomy",
+        "base_seed": 777,
+    },
+    {
+        "name": "Professor Oak Tree",
+        "slug": "professor-oak-tree",
+        "description": "An ancient talking oak who teaches botany.",
+        "appearance_prompt": "ancient oak tree with a kind face in its bark, misty forest, fantasy illustration",
+        "negative_prompt": "",
+        "base_seed": 42,
+    },
+]
+
+
+class Command(BaseCommand):
+    help = "Create a few demo personas and, if no superuser exists, an admin login (printed)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--username", default="admin", help="The superuser to create if none exists.")
+
+    def handle(self, *args: Any, username: str, **options: Any) -> None:
+        created = 0
+        for data in DEMO_PERSONAS:
+            _, was_created = Persona.objects.get_or_create(slug=data["slug"], defaults=data)
+            created += was_created
+        self.stdout.write(f"Demo personas: {created} created, {len(DEMO_PERSONAS) - created} already there.")
+        User = get_user_model()
+        if User.objects.filter(is_superuser=True).exists():
+            self.stdout.write("A superuser exists already: log in with it (or `python manage.py changepassword`).")
+            return
+        password = os.environ.get("DEMO_ADMIN_PASSWORD", "").strip()
+        generated = not password
+        if generated:
+            password = secrets.token_urlsafe(12)
+        elif len(password) < 8:
+            raise CommandError("DEMO_ADMIN_PASSWORD must be at least 8 characters long.")
+        User.objects.create_superuser(username=username, email="", password=password)
+        self.stdout.write(f"Admin login: username {username!r}, password {password!r}" + (" (generated)" if generated else ""))

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+MAX_SEED = 2**32 - 1
+
+slug_validator = RegexValidator(
+    r"^[a-z0-9]+(?:-[a-z0-9]+)*$",
+    "Use lowercase letters, digits and single hyphens (e.g. 'ada-lovelace').",
+)
+
+
+class Persona(models.Model):
+    name = models.CharField(max_length=150)
+    slug = models.SlugField(max_length=80, unique=True, validators=[slug_validator])
+    description = models.TextField(blank=True, max_length=5000)
+    appearance_prompt = models.TextField(
+        max_length=2000, help_text="What the persona looks like; the prompt for its sample images."
+    )
+    negative_prompt = models.TextField(blank=True, max_length=2000)
+    default_sample_count = models.PositiveSmallIntegerField(
+        default=4, validators=[MinValueValidator(1), MaxValueValidator(1024)]
+    )
+    base_seed = models.BigIntegerField(
+        default=0,
+        validators=[MinValueValidator(0), MaxValueValidator(MAX_SEED)],
+        help_text="Image k of every batch gets a recorded seed counted on from this one.",
+    )
+    images_requested = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Images ever requested; the next batch's seeds start after them."
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RequestState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_REQUEST_STATES = (RequestState.QUEUED, RequestState.RUNNING)
+
+
+class RequestSource(models.TextChoices):
+    ADMIN = "admin", "Admin button"
+    ACTION = "action", "Admin action"
+    COMMAND = "command", "regenerate_samples"
+
+
+class SampleRequest(models.Model):
+    """One press of Generate sample images (or one persona of a bulk command)."""
+
+    persona = models.ForeignKey(Persona, on_delete=models.CASCADE, related_name="requests")
+    count = models.PositiveIntegerField()
+    device = models.ForeignKey(
+        "gpuscheduler.Device",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="An explicit device choice, which bypasses the policy.",
+    )
+    state = models.CharField(max_length=16, choices=RequestState.choices, default=RequestState.QUEUED)
+    source = models.CharField(max_length=16, choices=RequestSource.choices, default=RequestSource.ADMIN)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    first_seed = models.BigIntegerField()
+    model = models.CharField(max_length=300)
+    steps = models.PositiveIntegerField()
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        constraints = [
+            # A double click, or two admins at once, gets "already queued", not a second batch.
+            models.UniqueConstraint(
+                fields=["persona"],
+                condition=Q(state__in=["queued", "running"]),
+                name="request_one_active_per_persona",
+            ),
+        ]
+        indexes = [models.Index(fields=["state", "created"], name="request_state_created")]
+
+    def __str__(self) -> str:
+        return f"{self.count} images of {self.persona} ({self.get_state_display()})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_REQUEST_STATES
+
+    def seed_for(self, index: int) -> int:
+        return (self.first_seed + index) % (MAX_SEED + 1)
+
+
+class SampleImage(models.Model):
+    persona = models.ForeignKey(Persona, on_delete=models.CASCADE, related_name="sample_images")
+    request = models.ForeignKey(
+        SampleRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
+    )
+    assignment = models.ForeignKey(
+        "gpuscheduler.Assignment", null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
+    )
+    index = models.PositiveIntegerField(help_text="Position in its request.")
+    image = models.ImageField(max_length=255)
+    seed = models.BigIntegerField()
+    prompt = models.TextField()
+    negative_prompt = models.TextField(blank=True)
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    model = models.CharField(max_length=300)
+    steps = models.PositiveIntegerField(default=0)
+    device = models.ForeignKey(
+        "gpuscheduler.Device", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created", "index"]
+        constraints = [
+            # The last line of defence against a doubled image: one row per position of a request.
+            models.UniqueConstraint(fields=["request", "index"], name="image_unique_request_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.persona} #{self.index} (seed {self.seed})"

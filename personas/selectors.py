@@ -1,0 +1,71 @@
+"""Reads of the personas app: galleries and request progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import reverse
+
+from gpuscheduler.models import AssignmentKind
+from personas.models import Persona, SampleImage, SampleRequest
+
+GALLERY_SIZE = 60
+
+
+def persona_gallery(*, persona: Persona) -> dict[str, Any]:
+    images = list(
+        SampleImage.objects.filter(persona=persona).select_related("device").order_by("-created", "index")[:GALLERY_SIZE]
+    )
+    return {
+        "latest_request": SampleRequest.objects.filter(persona=persona).select_related("device").first(),
+        "sample_images": images,
+        "sample_image_total": SampleImage.objects.filter(persona=persona).count(),
+    }
+
+
+def request_progress(*, request: SampleRequest) -> dict[str, Any]:
+    """Images done / asked, the device of each image and each attempt, and errors, as plain data."""
+    images = list(request.images.select_related("device").order_by("index"))
+    attempts = list(
+        request.assignments.filter(kind=AssignmentKind.SAMPLES)
+        .select_related("planned_device", "device")
+        .order_by("first_index", "attempt")
+    )
+    return {
+        "id": request.pk,
+        "persona": request.persona_id,
+        "state": request.state,
+        "state_label": request.get_state_display(),
+        "active": request.is_active,
+        "asked": request.count,
+        "done": len(images),
+        "error": request.error,
+        "created": request.created.isoformat(),
+        "finished": request.finished_at.isoformat() if request.finished_at else None,
+        "images": [
+            {
+                "id": image.pk,
+                "index": image.index,
+                "seed": image.seed,
+                "device": image.device.label if image.device else "",
+                "url": reverse("admin:personas_persona_image", args=[image.pk]),
+                "width": image.width,
+                "height": image.height,
+            }
+            for image in images
+        ],
+        "attempts": [
+            {
+                "job_id": a.job_id,
+                "images": f"{a.first_index + 1}-{a.last_index + 1}" if a.image_count > 1 else str(a.first_index + 1),
+                "attempt": a.attempt,
+                "state": a.state,
+                "state_label": a.get_state_display(),
+                "planned": a.planned_device.label,
+                "device": a.device.label if a.device else "",
+                "reason": a.reason,
+                "error": a.error.splitlines()[0][:300] if a.error else "",
+            }
+            for a in attempts
+        ],
+    }

@@ -1,0 +1,335 @@
+"""Writes of the personas app: sample requests from button to finished images."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from gpuscheduler import queues
+from gpuscheduler import services as scheduler
+from gpuscheduler.conf import samples_config
+from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
+from personas.imagegen import AttemptLost, GeneratedImage
+from personas.models import (
+    ACTIVE_REQUEST_STATES,
+    MAX_SEED,
+    Persona,
+    RequestSource,
+    RequestState,
+    SampleImage,
+    SampleRequest,
+)
+
+if TYPE_CHECKING:
+    from gpuscheduler.worker import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+class RequestAlreadyActive(Exception):
+    def __init__(self, request: SampleRequest) -> None:
+        super().__init__(f"{request.persona} already has {request.count} images {request.get_state_display().lower()}.")
+        self.request = request
+
+
+@dataclass
+class Submitted:
+    """What a press of the button did: the request, where its chunks went, whether Redis has them."""
+
+    request: SampleRequest
+    assignments: list[Assignment]
+    enqueued: int = 0
+    by_device: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def waiting_for_redis(self) -> bool:
+        return self.enqueued < len(self.assignments)
+
+    def summary(self) -> str:
+        where = ", ".join(f"{n} on {label}" for label, n in self.by_device.items())
+        return f"{self.request.count} images of {self.request.persona}: {where}"
+
+
+def validate_count(count: object) -> int:
+    """A sample count from a form or a command line: a whole number in 1..SAMPLES_MAX_PER_REQUEST."""
+    maximum = int(samples_config()["MAX_PER_REQUEST"])
+    try:
+        number = int(str(count).strip())
+    except (TypeError, ValueError):
+        raise ValidationError(f"The count must be a whole number from 1 to {maximum}.", code="invalid") from None
+    if not 1 <= number <= maximum:
+        raise ValidationError(
+            f"The count must be from 1 to {maximum} (SAMPLES_MAX_PER_REQUEST); {number} is out of range.",
+            code="range",
+        )
+    return number
+
+
+def sample_request_submit(
+    *,
+    persona: Persona,
+    count: int,
+    device: Device | None = None,
+    user: object | None = None,
+    source: str = RequestSource.ADMIN,
+    enqueue: bool = True,
+) -> Submitted:
+    """Create a request, place its chunks and enqueue them once the transaction commits.
+
+    Raises RequestAlreadyActive when the persona already has a queued or running request
+    (enforced by a unique constraint, so it holds for simultaneous presses too), and
+    NoDeviceAvailable when no device may take work. Either way nothing is written.
+    """
+    count = validate_count(count)
+    config = samples_config()
+    with transaction.atomic():
+        locked = Persona.objects.select_for_update().get(pk=persona.pk)
+        try:
+            with transaction.atomic():
+                request = SampleRequest.objects.create(
+                    persona=locked,
+                    count=count,
+                    device=device,
+                    requested_by=user if getattr(user, "pk", None) else None,
+                    source=source,
+                    first_seed=(locked.base_seed + locked.images_requested) % (MAX_SEED + 1),
+                    model=config["MODEL"],
+                    steps=int(config["STEPS"]),
+                )
+        except IntegrityError:
+            active = SampleRequest.objects.filter(persona=locked, state__in=ACTIVE_REQUEST_STATES).first()
+            if active is None:
+                raise
+            raise RequestAlreadyActive(active) from None
+        Persona.objects.filter(pk=locked.pk).update(images_requested=F("images_requested") + count)
+        assignments = scheduler.assignments_place(request_id=request.pk, count=count, pinned_device=device)
+        submitted = Submitted(request=request, assignments=assignments)
+        labels = Device.objects.in_bulk([a.planned_device_id for a in assignments])
+        tally: Counter[str] = Counter()
+        for a in assignments:
+            tally[labels[a.planned_device_id].label] += a.image_count
+        submitted.by_device = dict(tally)
+
+        def enqueue_now() -> None:
+            submitted.enqueued = queues.enqueue_assignments(
+                list(Assignment.objects.filter(pk__in=[a.pk for a in assignments]))
+            )
+
+        if enqueue:
+            transaction.on_commit(enqueue_now)
+    log.info("request %s: %s", request.pk, submitted.summary())
+    return submitted
+
+
+def sample_request_refresh(*, request_id: int) -> SampleRequest | None:
+    """Derive a request's state from its chunks' latest attempts."""
+    request = SampleRequest.objects.filter(pk=request_id).first()
+    if request is None or not request.is_active:
+        return request
+    attempts = list(request.assignments.order_by("first_index", "-attempt").values("first_index", "state", "error"))
+    latest: dict[int, dict[str, str]] = {}
+    for row in attempts:
+        latest.setdefault(row["first_index"], row)
+    states = [row["state"] for row in latest.values()]
+    now = timezone.now()
+    if any(s in LIVE_STATES for s in states):
+        started = any(s != AssignmentState.QUEUED for s in states) or len(attempts) > len(latest)
+        new = RequestState.RUNNING if started else RequestState.QUEUED
+        changes: dict[str, object] = {"state": new}
+        if new == RequestState.RUNNING and request.started_at is None:
+            changes["started_at"] = now
+    else:
+        failed = [row for row in latest.values() if row["state"] != AssignmentState.SUCCEEDED]
+        new = RequestState.FAILED if failed or not states else RequestState.SUCCEEDED
+        error = "; ".join(f"images from {r['first_index']}: {r['error'][:200]}" for r in failed) if failed else ""
+        changes = {"state": new, "finished_at": now, "error": error or ("no images were placed" if not states else "")}
+        if request.started_at is None:
+            changes["started_at"] = now
+    if changes.get("state") != request.state or "finished_at" in changes or "started_at" in changes:
+        SampleRequest.objects.filter(pk=request.pk, state=request.state).update(**changes)
+    request.refresh_from_db()
+    return request
+
+
+def sample_request_cancel(*, request: SampleRequest) -> int:
+    """Cancel a queued or running request: queued chunks are dropped everywhere, made images kept.
+
+    Returns how many queued chunks were cancelled (a running chunk finishes and keeps its images).
+    """
+    with transaction.atomic():
+        won = SampleRequest.objects.filter(pk=request.pk, state__in=ACTIVE_REQUEST_STATES).update(
+            state=RequestState.CANCELLED, finished_at=timezone.now(), error="cancelled"
+        )
+        if not won:
+            return 0
+        waiting = list(request.assignments.filter(state=AssignmentState.QUEUED).values_list("job_id", "queue_name"))
+        request.assignments.filter(state=AssignmentState.QUEUED).update(
+            state=AssignmentState.CANCELLED, finished_at=timezone.now(), error="request cancelled"
+        )
+        transaction.on_commit(lambda: [queues.cancel_job(job_id, queue) for job_id, queue in waiting])
+    request.refresh_from_db()
+    return len(waiting)
+
+
+def sample_request_mark_started(*, request_id: int) -> None:
+    SampleRequest.objects.filter(pk=request_id, state=RequestState.QUEUED).update(
+        state=RequestState.RUNNING, started_at=timezone.now()
+    )
+
+
+def sample_image_path(*, persona_id: int, request_id: int, index: int, assignment_id: int) -> str:
+    """Where an image lives under MEDIA_ROOT: built from database ids only, never user input."""
+    return f"samples/persona-{int(persona_id)}/r{int(request_id)}-i{int(index)}-a{int(assignment_id)}.png"
+
+
+def sample_images_commit(
+    *,
+    assignment: Assignment,
+    request: SampleRequest,
+    images: list[GeneratedImage],
+    device: Device,
+    calls: int,
+    peak_memory: int | None,
+    note: str = "",
+) -> bool:
+    """Store an attempt's images, if and only if the attempt still holds its lease.
+
+    Files are written first (to a temporary name, then renamed) and rows second, in one
+    transaction with the attempt's RUNNING -> SUCCEEDED claim; if the claim or the transaction
+    fails the files are removed, so neither a half-written file nor an orphan row stays behind.
+    """
+    media = Path(settings.MEDIA_ROOT)
+    written: list[Path] = []
+    rows = []
+    try:
+        for offset, image in enumerate(images):
+            index = assignment.first_index + offset
+            name = sample_image_path(
+                persona_id=request.persona_id, request_id=request.pk, index=index, assignment_id=assignment.pk
+            )
+            path = media / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_bytes(image.png)
+            os.replace(tmp, path)
+            written.append(path)
+            rows.append(
+                SampleImage(
+                    persona_id=request.persona_id,
+                    request=request,
+                    assignment=assignment,
+                    index=index,
+                    image=name,
+                    seed=image.seed,
+                    prompt=request.persona.appearance_prompt,
+                    negative_prompt=request.persona.negative_prompt,
+                    width=image.width,
+                    height=image.height,
+                    model=request.model,
+                    steps=request.steps,
+                    device=device,
+                )
+            )
+        with transaction.atomic():
+            if not scheduler.assignment_succeed(
+                assignment_id=assignment.pk, calls=calls, peak_memory=peak_memory, note=note
+            ):
+                raise _LeaseLost
+            SampleImage.objects.bulk_create(rows)
+    except _LeaseLost:
+        log.warning("job %s lost its lease before committing: its %d images are dropped", assignment.job_id, len(rows))
+        _remove(written)
+        return False
+    except BaseException:
+        _remove(written)
+        raise
+    sample_request_refresh(request_id=request.pk)
+    return True
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def sample_images_delete(*, images: list[SampleImage]) -> int:
+    """Delete image rows and, once that commits, their files."""
+    names = [img.image.name for img in images if img.image]
+    with transaction.atomic():
+        deleted, _ = SampleImage.objects.filter(pk__in=[img.pk for img in images]).delete()
+    media = Path(settings.MEDIA_ROOT)
+    _remove([media / name for name in names])
+    return deleted
+
+
+def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict[str, object]:
+    """Run one attempt in this worker: claim it, make its images in one call, commit them once.
+
+    Safe to run twice: a second delivery finds the attempt already claimed and does nothing.
+    """
+    config = samples_config()
+    assignment = scheduler.assignment_claim(
+        assignment_id=assignment_id,
+        device=context.device,
+        worker_name=context.name,
+        host=context.host,
+        timeout=float(config["JOB_TIMEOUT"]),
+    )
+    if assignment is None:
+        log.info("assignment %s is no longer queued (taken, cancelled or replaced): skipping", assignment_id)
+        return {"assignment": assignment_id, "skipped": True}
+    request = SampleRequest.objects.select_related("persona").get(pk=assignment.request_id)
+    sample_request_mark_started(request_id=request.pk)
+    seeds = [request.seed_for(i) for i in range(assignment.first_index, assignment.first_index + assignment.image_count)]
+    with context.running(assignment):
+        try:
+            result = context.generator.generate(
+                model=request.model,
+                prompt=request.persona.appearance_prompt,
+                negative_prompt=request.persona.negative_prompt,
+                seeds=seeds,
+                steps=request.steps,
+                guidance=float(config["GUIDANCE"]),
+                alive=context.alive,
+            )
+        except AttemptLost:
+            return {"assignment": assignment_id, "abandoned": True}
+        except Exception as exc:
+            # Timeouts (rq's JobTimeoutException), out-of-memory at one image per call, model
+            # errors: record, free the device's memory and let another attempt try.
+            context.generator.free_memory()
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+            retry = scheduler.assignment_fail(assignment_id=assignment_id, error=error, retryable=True)
+            log.error("assignment %s failed on %s: %s (retry: %s)", assignment_id, context.device.label, exc, retry)
+            raise
+        committed = sample_images_commit(
+            assignment=assignment,
+            request=request,
+            images=result.images,
+            device=context.device,
+            calls=result.calls,
+            peak_memory=result.peak_memory,
+            note="\n".join(result.notes),
+        )
+    return {
+        "assignment": assignment_id,
+        "committed": committed,
+        "images": len(result.images),
+        "calls": result.calls,
+        "device": context.device.uuid,
+    }

@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from django.conf import settings as django_settings
+from django.contrib.auth.models import Permission, User
+
+from gpuscheduler.backends import DeviceInfo
+from gpuscheduler.models import Device, DeviceKind, Health
+from gpuscheduler.services import device_upsert
+from personas.models import Persona
+from tests.processes import Processes, base_env, wait_for
+
+_counter = itertools.count(1)
+
+# Environment variable -> (settings dict, key): children read the variable, the test process the dict.
+SETTING_KEYS = {
+    "GPU_SIMULATED": ("GPUSCHEDULER", "SIMULATED"),
+    "GPU_POLICY": ("GPUSCHEDULER", "POLICY"),
+    "GPU_LEASE_SECONDS": ("GPUSCHEDULER", "LEASE_SECONDS"),
+    "GPU_HEARTBEAT_INTERVAL": ("GPUSCHEDULER", "HEARTBEAT_INTERVAL"),
+    "GPU_WATCHDOG_GRACE": ("GPUSCHEDULER", "WATCHDOG_GRACE"),
+    "GPU_MONITOR_INTERVAL": ("GPUSCHEDULER", "MONITOR_INTERVAL"),
+    "GPU_MAX_TEMPERATURE": ("GPUSCHEDULER", "MAX_TEMPERATURE"),
+    "SAMPLES_MODEL": ("SAMPLES", "MODEL"),
+    "SAMPLES_JOB_TIMEOUT": ("SAMPLES", "JOB_TIMEOUT"),
+    "SAMPLES_MAX_ATTEMPTS": ("SAMPLES", "MAX_ATTEMPTS"),
+    "SAMPLES_STEPS": ("SAMPLES", "STEPS"),
+    "SAMPLES_MAX_BATCH": ("SAMPLES", "MAX_BATCH"),
+}
+
+
+@pytest.fixture(autouse=True)
+def data_dir(settings: Any, tmp_path: Path) -> Path:
+    """Every test gets its own DATA_DIR and media folder."""
+    path = tmp_path / "data"
+    path.mkdir()
+    settings.DATA_DIR = path
+    settings.MEDIA_ROOT = path / "media"
+    return path
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis_lib.Redis]:
+    """The test Redis database, empty before and after the test."""
+    connection = redis_lib.Redis.from_url(django_settings.REDIS_URL)
+    try:
+        connection.ping()
+    except redis_lib.exceptions.ConnectionError as exc:  # pragma: no cover - environment problem
+        pytest.fail(f"Redis at {django_settings.REDIS_URL} does not answer ({exc}): start redis-server")
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+def configure(settings: Any, env: dict[str, str]) -> None:
+    """Apply environment-style overrides to the test process's settings as well."""
+    for name, value in env.items():
+        if name in SETTING_KEYS:
+            group, key = SETTING_KEYS[name]
+            current = dict(getattr(settings, group))
+            default = current.get(key)
+            current[key] = type(default)(value) if isinstance(default, int | float) and not isinstance(default, bool) else value
+            setattr(settings, group, current)
+
+
+class Cluster:
+    """Real gpuworker / gpumonitor processes on simulated devices, sharing this test's database."""
+
+    def __init__(self, settings: Any, data_dir: Path, log_dir: Path) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.env: dict[str, str] = {}
+        self.processes = Processes(log_dir, {})
+        self.configure(
+            GPU_SIMULATED="sim*2",
+            SAMPLES_MODEL="simulated:0.2",
+            GPU_LEASE_SECONDS="3",
+            GPU_HEARTBEAT_INTERVAL="0.5",
+            GPU_MONITOR_INTERVAL="0.5",
+        )
+
+    def configure(self, **env: str) -> None:
+        self.env.update(env)
+        configure(self.settings, env)
+        self.processes.env = base_env(self.data_dir, **self.env)
+
+    def start_workers(self, expect: int | None = None, timeout: float = 60) -> Any:
+        process = self.processes.start("gpuworkers")
+        self.wait_workers(expect, timeout)
+        return process
+
+    def start_worker(self, device: Device | str, *extra: str, timeout: float = 60) -> Any:
+        uuid = device if isinstance(device, str) else device.uuid
+        process = self.processes.start("gpuworker", "--device", uuid, *extra)
+        wait_for(
+            lambda: Device.objects.filter(uuid=uuid, worker_pid=process.pid, worker_state="idle").exists(),
+            timeout,
+            f"worker for {uuid} to attach\n{self.processes.logs()}",
+        )
+        return process
+
+    def start_monitor(self, *extra: str) -> Any:
+        return self.processes.start("gpumonitor", *extra)
+
+    def wait_workers(self, expect: int | None, timeout: float = 60) -> None:
+        from gpuscheduler.simulated import describe
+
+        expect = expect or len(describe(self.settings.GPUSCHEDULER["SIMULATED"], self.settings.GPUSCHEDULER["HOST"]))
+        wait_for(
+            lambda: Device.objects.filter(worker_state="idle").exclude(worker_name="").count() >= expect,
+            timeout,
+            f"{expect} workers to attach\n{self.processes.logs()}",
+        )
+
+    def logs(self) -> str:
+        return self.processes.logs()
+
+
+@pytest.fixture
+def cluster(transactional_db: None, settings: Any, data_dir: Path, tmp_path: Path, redis_db: Any) -> Iterator[Cluster]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    cluster = Cluster(settings, data_dir, log_dir)
+    try:
+        yield cluster
+    finally:
+        cluster.processes.stop()
+
+
+@pytest.fixture
+def persona_factory(db: None) -> Callable[..., Persona]:
+    def make(**fields: Any) -> Persona:
+        n = next(_counter)
+        defaults = {
+            "name": f"Persona {n}",
+            "slug": f"persona-{n}",
+            "appearance_prompt": f"portrait number {n}, studio light",
+            "negative_prompt": "blurry",
+            "default_sample_count": 4,
+            "base_seed": 1000 * n,
+        }
+        return Persona.objects.create(**{**defaults, **fields})
+
+    return make
+
+
+@pytest.fixture
+def persona(persona_factory: Callable[..., Persona]) -> Persona:
+    return persona_factory(name="Ada Lovelace", slug="ada-lovelace")
+
+
+@pytest.fixture
+def device_factory(db: None, settings: Any) -> Callable[..., Device]:
+    def make(name: str = "H100", *, kind: str = DeviceKind.SIMULATED, health: str = Health.HEALTHY, **fields: Any) -> Device:
+        n = next(_counter)
+        info = DeviceInfo(
+            uuid=fields.pop("uuid", f"SIM-test-{n:04d}"),
+            name=name,
+            kind=kind,
+            index=fields.pop("index", n),
+            memory_total=fields.pop("memory_total", 80 * 1024**3),
+            speed=fields.pop("speed", 1.0),
+        )
+        device = device_upsert(info=info, host=settings.GPUSCHEDULER["HOST"])
+        Device.objects.filter(pk=device.pk).update(health=health, **fields)
+        device.refresh_from_db()
+        return device
+
+    return make
+
+
+@pytest.fixture
+def user_factory(db: None) -> Callable[..., User]:
+    def make(*, staff: bool = True, perms: tuple[str, ...] = (), superuser: bool = False) -> User:
+        n = next(_counter)
+        user = User.objects.create_user(
+            username=f"user{n}", password="pw-123456", is_staff=staff, is_superuser=superuser
+        )
+        for perm in perms:
+            app_label, codename = perm.split(".")
+            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+        return user
+
+    return make

@@ -1,0 +1,51 @@
+"""The whole path: admin button -> Redis -> two real gpuworker processes -> PNG files and rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.messages import get_messages
+from django.urls import reverse
+from PIL import Image
+
+from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
+from personas.models import RequestState, SampleImage, SampleRequest
+from tests.processes import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admin_client, persona):
+    cluster.configure(SAMPLES_MODEL="tiny", GPU_SIMULATED="H100*2")
+    cluster.start_monitor()
+    cluster.start_workers(expect=2)
+
+    response = admin_client.post(
+        reverse("admin:personas_persona_generate", args=[persona.pk]), {"count": "4", "device": ""}
+    )
+
+    assert response.status_code == 302
+    message = [str(m) for m in get_messages(response.wsgi_request)][0]
+    assert message.startswith("Queued 4 images of Ada Lovelace: 2 on SIM 0 H100, 2 on SIM 1 H100"), message
+    request = SampleRequest.objects.get(persona=persona)
+    wait_for(
+        lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED,
+        120,
+        f"the request to succeed\n{cluster.logs()}",
+    )
+    images = list(SampleImage.objects.filter(request=request).order_by("index"))
+    assert [image.seed for image in images] == [persona.base_seed + k for k in range(4)]
+    for image in images:
+        path = Path(settings.MEDIA_ROOT) / image.image.name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as png:
+            assert png.size == (64, 64) == (image.width, image.height)
+        assert image.model == "tiny"
+    succeeded = Assignment.objects.filter(request=request, state=AssignmentState.SUCCEEDED)
+    assert sorted(a.image_count for a in succeeded) == [2, 2]
+    assert {a.device_id for a in succeeded} == set(Device.objects.values_list("pk", flat=True))
+    assert all(a.calls == 1 for a in succeeded), "each attempt makes its images in one pipeline call"
+    assert {image.device_id for image in images} == {a.device_id for a in succeeded}
+    wait_for(lambda: Snapshot.objects.values("device").distinct().count() == 2, 10, "snapshots of both devices")
