@@ -3,11 +3,26 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.http import HttpRequest
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html
 
-from gpuscheduler.models import Assignment, Device
+from gpuscheduler.models import Assignment, AssignmentState, Device, GpuStatusPage
+from gpuscheduler.status import status_page
+from gpuscheduler.views import staff_view
+
+STATUS_PERMISSION = "gpuscheduler.view_gpu_status"
+STATUS_TEMPLATE = "admin/gpuscheduler/gpustatuspage/status.html"
+# The fragments the page's script swaps in; each is also part of the full page.
+STATUS_FRAGMENTS = {
+    "cards": "admin/gpuscheduler/gpustatuspage/cards.html",
+    "queues": "admin/gpuscheduler/gpustatuspage/queues.html",
+    "assignments": "admin/gpuscheduler/gpustatuspage/assignments.html",
+}
+REFRESH_SECONDS = 5
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -25,7 +40,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Device)
 class DeviceAdmin(ReadOnlyAdmin):
-    list_display = ["label", "short_uuid", "host", "kind", "health", "health_reason", "worker_state", "worker_seen_at", "last_seen"]
+    list_display = [
+        "label",
+        "short_uuid",
+        "host",
+        "kind",
+        "health",
+        "health_reason",
+        "worker_state",
+        "worker_seen_at",
+        "last_seen",
+    ]
     list_filter = ["health", "kind", "host", "worker_state"]
     search_fields = ["uuid", "name", "host", "pci_bus_id"]
 
@@ -58,6 +83,69 @@ class AssignmentAdmin(ReadOnlyAdmin):
     @admin.display(description="Request")
     def request_link(self, obj: Assignment) -> str:
         if obj.request is None:
-            return "–"
+            return "-"
         url = reverse("admin:personas_persona_change", args=[obj.request.persona_id])
         return format_html('<a href="{}">{} #{}</a>', url, obj.request.persona.name, obj.request_id)
+
+
+@admin.register(GpuStatusPage)
+class GpuStatusAdmin(admin.ModelAdmin):
+    """The GPU status page: no table, a page of its own behind its own permission (the django-rq way)."""
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(STATUS_PERMISSION)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[Any]:
+        # Only the page and its data: the default add/change/history views would query a table
+        # that does not exist.
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
+        return [
+            path("", staff_view(self.admin_site, self.changelist_view), name=f"{prefix}_changelist"),
+            path("data.json", staff_view(self.admin_site, self.data_view), name=f"{prefix}_data"),
+        ]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        page = status_page(**_filters(request))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "GPU status",
+            "subtitle": None,
+            "opts": self.opts,
+            "app_label": self.opts.app_label,
+            "page": page,
+            "data_url": reverse("admin:gpuscheduler_gpustatuspage_data", current_app=self.admin_site.name),
+            "refresh_seconds": REFRESH_SECONDS,
+            **(extra_context or {}),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, STATUS_TEMPLATE, context)
+
+    def data_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            return JsonResponse({"error": f"You need the {STATUS_PERMISSION} permission."}, status=403)
+        page = status_page(**_filters(request))
+        if request.GET.get("fragments"):
+            context = {"page": page}
+            page["html"] = {key: render_to_string(name, context, request) for key, name in STATUS_FRAGMENTS.items()}
+        return JsonResponse(page)
+
+
+def _filters(request: HttpRequest) -> dict[str, Any]:
+    """The assignment table's filters from the query string; values that name nothing are ignored."""
+    device = request.GET.get("device", "")
+    state = request.GET.get("state", "")
+    return {
+        "device_id": int(device) if device.isdigit() and len(device) < 16 else None,
+        "state": state if state in AssignmentState.values else None,
+    }

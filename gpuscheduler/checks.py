@@ -39,10 +39,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
         problems.append(Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003"))
     if samples["MAX_BATCH"] < 1 or samples["MAX_PER_REQUEST"] < 1:
         problems.append(Error("SAMPLES_MAX_BATCH and SAMPLES_MAX_PER_REQUEST must be at least 1.", id="gpuscheduler.E004"))
-    if config["HEARTBEAT_INTERVAL"] * 2 > config["LEASE_SECONDS"]:
+    if config["HEARTBEAT_INTERVAL"] * 3 > config["LEASE_SECONDS"]:
         problems.append(
             Error(
-                f"GPU_LEASE_SECONDS={config['LEASE_SECONDS']} is less than two heartbeats "
+                f"GPU_LEASE_SECONDS={config['LEASE_SECONDS']} is less than three heartbeats "
                 f"(GPU_HEARTBEAT_INTERVAL={config['HEARTBEAT_INTERVAL']}): live workers would be declared dead.",
                 hint="Make GPU_LEASE_SECONDS at least 3 x GPU_HEARTBEAT_INTERVAL.",
                 id="gpuscheduler.E005",

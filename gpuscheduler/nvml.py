@@ -110,7 +110,11 @@ class NvmlBackend:
             utilization = self._optional(lambda: float(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
             temperature = self._optional(lambda: float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)))
             power = self._optional(lambda: nv.nvmlDeviceGetPowerUsage(handle) / 1000.0)
-            mask = self._optional(lambda: int(nv.nvmlDeviceGetCurrentClocksEventReasons(handle)))
+            # nvidia-ml-py 12.535+ names it ClocksEvent; older releases only ClocksThrottle.
+            reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+                nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+            )
+            mask = self._optional(lambda: int(reasons(handle))) if reasons else None
         except nv.NVMLError as exc:
             return Reading(uuid=info.uuid, ok=False, error=f"{type(exc).__name__}: {exc}")
         return Reading(

@@ -126,12 +126,14 @@ def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
 
     def score(d: DeviceView) -> float:
         backlog = d.backlog / max(d.speed, 0.01)
-        utilization = (d.utilization or 0.0) / 100.0
+        # Utilization while our own images run is already counted in the backlog; without
+        # them it is another program's load.
+        foreign = 0.0 if d.running_images else (d.utilization or 0.0) / 100.0
         memory = d.memory_fraction or 0.0
-        heat = max(0.0, ((d.temperature or 40.0) - 40.0) / 50.0)
-        # One queued image outweighs any reading; readings separate devices with equal queues
-        # and keep work away from a GPU that another program is already using.
-        return backlog + 2.0 * utilization + 2.0 * memory + 1.0 * heat
+        heat = min(1.0, max(0.0, ((d.temperature or 40.0) - 40.0) / 50.0))
+        # Readings together weigh at most one queued image: they separate devices with equal
+        # queues and keep work away from a GPU that is hot, full or used by another program.
+        return backlog + 0.4 * foreign + 0.4 * memory + 0.2 * heat
 
     ranked = sorted(eligible(devices), key=lambda d: (score(d), d.id))
     return [Ranked(d, round(score(d), 3), d.describe()) for d in ranked]

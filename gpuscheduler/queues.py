@@ -60,6 +60,9 @@ def enqueue_assignment(assignment: Assignment, connection: redis.Redis | None = 
         result_ttl=3600,
         failure_ttl=7 * 86400,
         description=f"assignment {assignment.pk}: {assignment.image_count} images, attempt {assignment.attempt}",
+        # A retry goes to the front: its work was already started once, and the time from a
+        # worker's death to its work running again should not include the whole backlog.
+        at_front=assignment.attempt > 1,
     )
 
 

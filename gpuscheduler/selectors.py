@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import OuterRef, Subquery, Sum
+from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Subquery, Sum, Value
+from django.db.models.functions import Floor
 from django.utils import timezone
 
 from gpuscheduler.conf import gpu_config, samples_config
@@ -179,3 +180,99 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+# --- the GPU status page ------------------------------------------------------------------------
+
+
+class EpochSeconds(Func):
+    """Seconds since the Unix epoch of a datetime column, as a float, on SQLite and PostgreSQL."""
+
+    arity = 1
+    output_field = FloatField()
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        # Django keeps SQLite datetimes as naive UTC text, which julianday() reads, fractions and all.
+        template = "((julianday(%(expressions)s) - 2440587.5) * 86400.0)"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "EXTRACT(EPOCH FROM %(expressions)s)::double precision"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+
+# (device id, bucket_seconds, slot, first/last/mean seconds since the window's start,
+#  mean memory_used, largest memory_total, mean utilization, mean temperature)
+HistoryRow = tuple[Any, ...]
+HISTORY_COLUMNS = (
+    "device_id", "bucket_seconds", "slot", "first", "last", "mean", "used", "total", "utilization", "temperature",
+)
+
+
+def snapshot_history(
+    *, device_ids: list[int], since: datetime, until: datetime, slot_seconds: float
+) -> list[HistoryRow]:
+    """Readings of these devices in [since, until], averaged per slot of `slot_seconds`; raw
+    readings (bucket_seconds=0) and downsampled averages come in separate rows.
+
+    The (device, taken_at) index finds the rows and the database averages them: an hour at a 2 s
+    interval is 1,800 readings a device, which cost more to turn into Python datetimes than the
+    query itself takes.
+    """
+    offset = EpochSeconds("taken_at") - Value(since.timestamp())
+    rows = (
+        Snapshot.objects.filter(device_id__in=device_ids, taken_at__gte=since, taken_at__lte=until)
+        .annotate(offset=offset, slot=Floor(F("offset") / Value(float(slot_seconds))))
+        .values("device_id", "bucket_seconds", "slot")
+        .annotate(
+            first=Min("offset"),
+            last=Max("offset"),
+            mean=Avg("offset"),
+            used=Avg("memory_used"),
+            total=Max("memory_total"),
+            utilization=Avg("utilization"),
+            temperature=Avg("temperature"),
+        )
+        .order_by("device_id", "slot", "bucket_seconds")
+        .values_list(*HISTORY_COLUMNS)
+    )
+    return [(row[0], row[1], int(row[2]), *row[3:]) for row in rows]
+
+
+SPAN_FIELDS = (
+    "id", "job_id", "state", "first_index", "image_count", "started_at", "finished_at", "heartbeat_at",
+    "device_id", "request__persona_id", "request__persona__name",
+)
+
+
+def assignments_between(*, device_ids: list[int], since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """Attempts that ran on these devices at some time in [since, until], oldest first, as SPAN_FIELDS dicts."""
+    config = gpu_config()
+    # An attempt cannot run longer than its job timeout plus the watchdog's grace (then the
+    # watchdog kills it and the reaper closes the row), so attempts that overlap the window
+    # started at most that long before it: the bound lets the (device, started_at) index do the
+    # work instead of walking every attempt a device ever ran. Running rows are taken whatever
+    # their age so a stuck one still shows. At least an hour, in case the timeout was shortened.
+    longest = max(
+        float(samples_config()["JOB_TIMEOUT"]) + float(config["WATCHDOG_GRACE"]) + float(config["LEASE_SECONDS"]),
+        3600.0,
+    )
+    ran = Assignment.objects.filter(device_id__in=device_ids, started_at__lte=until)
+    recent = ran.filter(started_at__gte=since - timedelta(seconds=longest))
+    overlapping = (
+        recent.filter(finished_at__gte=since)
+        | recent.filter(finished_at__isnull=True)
+        | ran.filter(state=AssignmentState.RUNNING)
+    )
+    return list(overlapping.order_by("started_at", "id").values(*SPAN_FIELDS))
+
+
+def assignments_recent(*, device_id: int | None = None, state: str | None = None, limit: int = 50) -> list[Assignment]:
+    """The newest attempts, optionally only those on one device (ran there, or queued for it) or in one state."""
+    rows = Assignment.objects.select_related("request__persona", "device", "planned_device")
+    if device_id is not None:
+        rows = rows.filter(device_id=device_id) | rows.filter(device__isnull=True, planned_device_id=device_id)
+    if state:
+        rows = rows.filter(state=state)
+    # Newest by id, not queued_at: ids grow with queued_at and the primary key needs no extra index.
+    return list(rows.order_by("-id")[:limit])

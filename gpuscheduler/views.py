@@ -20,12 +20,15 @@ def staff_view(site: AdminSite, view: Callable[..., HttpResponse]) -> Callable[.
     state or return data, a signed-in user without staff rights gets a plain 403 instead.
     """
 
+    # The staff check runs before admin_view's own, which would send a non-staff user to the login page.
+    protected = site.admin_view(view)
+
     @wraps(view)
     def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path(), reverse("admin:login", current_app=site.name))
         if not (request.user.is_active and request.user.is_staff):
             raise PermissionDenied("Staff only.")
-        return view(request, *args, **kwargs)
+        return protected(request, *args, **kwargs)
 
-    return site.admin_view(inner)
+    return inner

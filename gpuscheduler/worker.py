@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -256,14 +257,13 @@ class GpuWorker(SimpleWorker):
                         return None
                     time.sleep(DEQUEUE_POLL_SECONDS)
                     continue
-                result = self.queue_class.dequeue_any(
-                    self._ordered_queues,
-                    None if burst else DEQUEUE_POLL_SECONDS,
-                    connection=self.connection,
-                    job_class=self.job_class,
-                    serializer=self.serializer,
-                    death_penalty_class=self.death_penalty_class,
-                )
+                # Own queues first, then steal from the others without blocking, then block on
+                # the own queues only: an idle worker steals within a second, but a job placed
+                # on an idle device's queue wakes that device's worker, not a thief.
+                own, others = self._ordered_queues[:2], self._ordered_queues[2:]
+                result = self._pop(own, None) or (self._pop(others, None) if others else None)
+                if result is None and not burst:
+                    result = self._pop(own, DEQUEUE_POLL_SECONDS)
                 backoff = 1.0
             except DequeueTimeout:
                 continue
@@ -280,6 +280,16 @@ class GpuWorker(SimpleWorker):
                 return None
             if burst:
                 time.sleep(0.2)
+
+    def _pop(self, queue_list: list[Queue], timeout: int | None) -> tuple[Job, Queue] | None:
+        return self.queue_class.dequeue_any(
+            queue_list,
+            timeout,
+            connection=self.connection,
+            job_class=self.job_class,
+            serializer=self.serializer,
+            death_penalty_class=self.death_penalty_class,
+        )
 
     def work_remains(self) -> bool:
         """Burst mode: is there queued work this worker may run (now or once re-enqueued)?"""
@@ -434,24 +444,30 @@ def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: b
 def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> None:
     """Run a GpuWorker for one device until it is stopped (or, with burst, until no work is left)."""
     bind_process(info)
+    # Until rq installs its warm-shutdown handlers, a stop request simply ends the process
+    # cleanly (through the finally below), even in the middle of loading a model.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     context = build_context(info, backend)
     set_context(context)
     config = gpu_config()
     model = samples_config()["MODEL"]
+    heartbeat: Heartbeat | None = None
     try:
         started = time.monotonic()
-        context.generator.warm(model)
-        log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
-    except Exception:
-        log.exception("%s: could not load %s; jobs will fail until it loads", context.device.label, model)
-    worker = GpuWorker(context, connection=queues.redis_connection())
-    context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
-    heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), worker)
-    heartbeat.start()
-    try:
+        try:
+            context.generator.warm(model)
+            log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
+        except Exception:
+            log.exception("%s: could not load %s; jobs will fail until it loads", context.device.label, model)
+        worker = GpuWorker(context, connection=queues.redis_connection())
+        context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
+        heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), worker)
+        heartbeat.start()
         worker.work(burst=burst, logging_level="WARNING")
     finally:
-        heartbeat.stop()
-        context.watchdog.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
+        if context.watchdog is not None:
+            context.watchdog.stop()
         scheduler.worker_detach(device=context.device, name=context.name)
         set_context(None)

@@ -343,8 +343,8 @@ def load_pipeline(spec: ModelSpec, device: str) -> Any:
         source, local = spec.value, False
     try:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {spec.value!r}: {exc}") from exc
+    except Exception as exc:  # missing files, unknown pipeline classes, bad configs alike
+        raise ModelError(f"cannot load model {spec.value!r}: {type(exc).__name__}: {exc}") from exc
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)

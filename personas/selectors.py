@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from django.db.models import F
 from django.urls import reverse
 
-from gpuscheduler.models import AssignmentKind
+from gpuscheduler.models import AssignmentKind, AssignmentState
 from personas.models import Persona, SampleImage, SampleRequest
 
 GALLERY_SIZE = 60
 
 
+def persona_latest_request(*, persona: Persona) -> SampleRequest | None:
+    """The persona's newest sample request, if it has one."""
+    return SampleRequest.objects.filter(persona=persona).select_related("device").first()
+
+
 def persona_gallery(*, persona: Persona) -> dict[str, Any]:
+    """The newest images of a persona, newest request first and in request order within it."""
+    # Request order, not creation order: chunks finish in any order, and the page's live
+    # updates insert each new image at its index, so a reload must show the same order.
     images = list(
-        SampleImage.objects.filter(persona=persona).select_related("device").order_by("-created", "index")[:GALLERY_SIZE]
+        SampleImage.objects.filter(persona=persona)
+        .select_related("device")
+        .order_by(F("request_id").desc(nulls_last=True), "index", "-created")[:GALLERY_SIZE]
     )
     return {
-        "latest_request": SampleRequest.objects.filter(persona=persona).select_related("device").first(),
+        "latest_request": persona_latest_request(persona=persona),
         "sample_images": images,
         "sample_image_total": SampleImage.objects.filter(persona=persona).count(),
     }
@@ -31,6 +43,7 @@ def request_progress(*, request: SampleRequest) -> dict[str, Any]:
         .select_related("planned_device", "device")
         .order_by("first_index", "attempt")
     )
+    by_device = Counter(image.device.label if image.device else "unknown device" for image in images)
     return {
         "id": request.pk,
         "persona": request.persona_id,
@@ -40,11 +53,14 @@ def request_progress(*, request: SampleRequest) -> dict[str, Any]:
         "asked": request.count,
         "done": len(images),
         "error": request.error,
+        "running": sum(1 for a in attempts if a.state == AssignmentState.RUNNING),
+        "by_device": [{"device": label, "images": n} for label, n in sorted(by_device.items())],
         "created": request.created.isoformat(),
         "finished": request.finished_at.isoformat() if request.finished_at else None,
         "images": [
             {
                 "id": image.pk,
+                "request": request.pk,
                 "index": image.index,
                 "seed": image.seed,
                 "device": image.device.label if image.device else "",

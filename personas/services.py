@@ -123,7 +123,8 @@ def sample_request_submit(
 
         def enqueue_now() -> None:
             submitted.enqueued = queues.enqueue_assignments(
-                list(Assignment.objects.filter(pk__in=[a.pk for a in assignments]))
+                # Image order: Assignment's default ordering is newest first, which queued the last images first.
+                list(Assignment.objects.filter(pk__in=[a.pk for a in assignments]).order_by("first_index", "pk"))
             )
 
         if enqueue:
@@ -221,6 +222,7 @@ def sample_images_commit(
             path = media / name
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".part")
+            written.append(tmp)  # a write that fails halfway must not leave its .part behind
             tmp.write_bytes(image.png)
             os.replace(tmp, path)
             written.append(path)

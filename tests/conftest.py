@@ -88,25 +88,29 @@ class Cluster:
     def configure(self, **env: str) -> None:
         self.env.update(env)
         configure(self.settings, env)
-        self.processes.env = base_env(self.data_dir, **self.env)
+
+    def start(self, *args: str) -> Any:
+        """Start any manage.py command with this cluster's environment."""
+        self.processes.env = base_env(self.data_dir, **{"REDIS_URL": self.settings.REDIS_URL, **self.env})
+        return self.processes.start(*args)
 
     def start_workers(self, expect: int | None = None, timeout: float = 60) -> Any:
-        process = self.processes.start("gpuworkers")
+        process = self.start("gpuworkers")
         self.wait_workers(expect, timeout)
         return process
 
     def start_worker(self, device: Device | str, *extra: str, timeout: float = 60) -> Any:
         uuid = device if isinstance(device, str) else device.uuid
-        process = self.processes.start("gpuworker", "--device", uuid, *extra)
+        process = self.start("gpuworker", "--device", uuid, *extra)
         wait_for(
             lambda: Device.objects.filter(uuid=uuid, worker_pid=process.pid, worker_state="idle").exists(),
             timeout,
-            f"worker for {uuid} to attach\n{self.processes.logs()}",
+            lambda: f"worker for {uuid} to attach\n{self.processes.logs()}",
         )
         return process
 
     def start_monitor(self, *extra: str) -> Any:
-        return self.processes.start("gpumonitor", *extra)
+        return self.start("gpumonitor", *extra)
 
     def wait_workers(self, expect: int | None, timeout: float = 60) -> None:
         from gpuscheduler.simulated import describe
@@ -115,7 +119,7 @@ class Cluster:
         wait_for(
             lambda: Device.objects.filter(worker_state="idle").exclude(worker_name="").count() >= expect,
             timeout,
-            f"{expect} workers to attach\n{self.processes.logs()}",
+            lambda: f"{expect} workers to attach\n{self.processes.logs()}",
         )
 
     def logs(self) -> str:
@@ -124,6 +128,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster(transactional_db: None, settings: Any, data_dir: Path, tmp_path: Path, redis_db: Any) -> Iterator[Cluster]:
+    """Worker processes on the shared test Redis (request `private_redis` first to use one of your own)."""
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     cluster = Cluster(settings, data_dir, log_dir)
@@ -188,3 +193,65 @@ def user_factory(db: None) -> Callable[..., User]:
         return user
 
     return make
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, which the test may stop, restart or flush."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Any = None
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not on PATH: apt-get install redis-server")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis_lib.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), 10, "the private redis-server to answer")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.url)
+
+
+def _pings(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path, settings: Any) -> Iterator[PrivateRedis]:
+    from gpuscheduler import queues
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = PrivateRedis(directory)
+    server.start()
+    settings.REDIS_URL = server.url
+    queues._connection.cache_clear()
+    try:
+        yield server
+    finally:
+        server.stop()
+        queues._connection.cache_clear()

@@ -6,11 +6,18 @@ DATA_DIR, Redis database and simulated devices as the test process.
 
 from __future__ import annotations
 
+import atexit
 import os
-from pathlib import Path
+import shutil
+import tempfile
 
-_ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("DATA_DIR", str(_ROOT / "var" / "test"))
+if "DATA_DIR" not in os.environ:
+    # A folder of this test run's own (the SQLite test database lives in it), so two test runs
+    # on one machine never share or delete each other's database. Worker processes that the
+    # tests start are given DATA_DIR and DATABASE_URL explicitly.
+    _run_dir = tempfile.mkdtemp(prefix="persona-samples-test-")
+    os.environ["DATA_DIR"] = _run_dir
+    atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("GPU_BACKEND", "simulated")
 os.environ.setdefault("GPU_SIMULATED", "sim*2")

@@ -33,7 +33,7 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     wait_for(
         lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED,
         120,
-        f"the request to succeed\n{cluster.logs()}",
+        lambda: f"the request to succeed\n{cluster.logs()}",
     )
     images = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [image.seed for image in images] == [persona.base_seed + k for k in range(4)]

@@ -1,0 +1,109 @@
+"""A throwaway installation for benchmarks: its own DATA_DIR, SQLite database and Redis database.
+
+Benchmarks are not tests: they start real processes, take minutes, and print a table.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = [sys.executable, str(ROOT / "manage.py")]
+
+
+class Installation:
+    """Environment + processes of one benchmark run; call setup() before importing Django models."""
+
+    def __init__(self, **env: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="persona-bench-"))
+        self.env = {
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DATA_DIR": str(self.dir),
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{self.dir / 'db.sqlite3'}"),
+            "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+            "GPU_HOST": "benchhost",
+            "LOG_LEVEL": "warning",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def setup(self) -> None:
+        os.environ.update(self.env)
+        sys.path.insert(0, str(ROOT))
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        import redis
+
+        from gpuscheduler import queues
+
+        redis.Redis.from_url(self.env["REDIS_URL"]).flushdb()
+        queues._connection.cache_clear()
+        call_command("migrate", verbosity=0)
+
+    def start(self, *args: str, env: dict[str, str] | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
+        log = open(self.dir / f"{len(self.children):02d}-{args[0]}.log", "wb")
+        process = subprocess.Popen(
+            [*MANAGE, *args],
+            cwd=ROOT,
+            env={**os.environ, **self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
+        self.children.append(process)
+        return process
+
+    def close(self, keep: bool = False) -> None:
+        for process in self.children:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process in self.children:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        if keep:
+            print(f"(logs kept in {self.dir})")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

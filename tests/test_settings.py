@@ -1,0 +1,319 @@
+"""Settings from the environment: typed readers that fail loudly, DATABASE_URL, and system checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.core.checks import Error, Warning
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_path,
+    env_str,
+)
+from gpuscheduler.checks import check_settings
+
+VAR = "PERSONA_TEST_SETTING"
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Set the test variable; unset by default."""
+    monkeypatch.delenv(VAR, raising=False)
+
+    def set_value(value: str) -> None:
+        monkeypatch.setenv(VAR, value)
+
+    return set_value
+
+
+# --- typed readers ----------------------------------------------------------------------------
+
+
+def test_unset_or_empty_variables_give_the_default(env):
+    assert env_int(VAR, 7) == 7
+    assert env_float(VAR, 1.5) == 1.5
+    assert env_bool(VAR, True) is True
+    assert env_str(VAR, "x") == "x"
+    assert env_list(VAR, ["a"]) == ["a"]
+    env("   ")
+    assert env_int(VAR, 7) == 7
+    assert env_float(VAR, 1.5) == 1.5
+    assert env_str(VAR, "x") == "x"
+
+
+def test_good_values_are_parsed_and_stripped(env):
+    env(" 42 ")
+    assert env_int(VAR, 7) == 42
+    assert env_float(VAR, 1.5) == 42.0
+    env("a, b,,c ")
+    assert env_list(VAR, []) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "1e3", "0x10", "ten"])
+def test_a_bad_int_names_the_variable_and_the_value(env, value):
+    env(value)
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}='{value}' is not a whole number: set it to e.g. 7"):
+        env_int(VAR, 7)
+
+
+def test_an_int_out_of_range_names_the_variable_and_the_limit(env):
+    env("0")
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}=0 is too small: it must be at least 1"):
+        env_int(VAR, 7, minimum=1)
+    env("5000")
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}=5000 is too large: it must be at most 1024"):
+        env_int(VAR, 7, minimum=1, maximum=1024)
+
+
+@pytest.mark.parametrize("value", ["fast", "1,5", "--1"])
+def test_a_bad_float_names_the_variable(env, value):
+    env(value)
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}='{value}' is not a number"):
+        env_float(VAR, 2.0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_must_be_finite(env, value):
+    env(value)
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}='{value}' must be a finite number"):
+        env_float(VAR, 2.0, minimum=0, maximum=10)
+
+
+def test_a_float_out_of_range_is_refused(env):
+    env("0.01")
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}=0.01 is too small: it must be at least 0.1"):
+        env_float(VAR, 2.0, minimum=0.1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+def test_booleans_accept_the_usual_spellings(env, value, expected):
+    env(value)
+    assert env_bool(VAR, not expected) is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "y", "enabled"])
+def test_a_bad_boolean_names_the_variable_and_the_accepted_values(env, value):
+    env(value)
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}='{value}' is not a boolean: use 1/0, true/false"):
+        env_bool(VAR, False)
+
+
+def test_choices_are_case_insensitive_and_a_bad_one_lists_them(env):
+    env("CPU")
+    assert env_choice(VAR, "auto", ("auto", "cpu")) == "cpu"
+    env("cuda")
+    with pytest.raises(ImproperlyConfigured, match=f"{VAR}='cuda' is not one of auto, nvml, cpu, simulated"):
+        env_choice(VAR, "auto", ("auto", "nvml", "cpu", "simulated"))
+
+
+def test_paths_are_resolved_against_the_base(env, tmp_path):
+    assert env_path(VAR, Path("var"), base=tmp_path) == (tmp_path / "var").resolve()
+    env("data/here")
+    assert env_path(VAR, Path("var"), base=tmp_path) == (tmp_path / "data" / "here").resolve()
+    env("/srv/persona-data")
+    assert env_path(VAR, Path("var"), base=tmp_path) == Path("/srv/persona-data")
+
+
+# --- DATABASE_URL ---------------------------------------------------------------------------------
+
+
+def test_a_relative_sqlite_url_is_relative_to_the_base():
+    db = database_from_url("sqlite:///var/db.sqlite3", base=Path("/srv/app"))
+    assert db["ENGINE"] == "django.db.backends.sqlite3"
+    assert db["NAME"] == "/srv/app/var/db.sqlite3"
+    assert db["TEST"]["NAME"] == "/srv/app/var/db-test.sqlite3"
+    assert db["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+
+
+def test_an_absolute_sqlite_url_keeps_its_path():
+    db = database_from_url("sqlite:////data/persona/db.sqlite3", base=Path("/srv/app"))
+    assert db["NAME"] == "/data/persona/db.sqlite3"
+
+
+def test_a_sqlite_url_with_a_quoted_path_is_unquoted():
+    assert database_from_url("sqlite:////data/my%20db.sqlite3", base=Path("/x"))["NAME"] == "/data/my db.sqlite3"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_a_sqlite_url_without_a_file_is_refused(url):
+    with pytest.raises(ImproperlyConfigured, match=r"names no file: use sqlite:///var/db\.sqlite3"):
+        database_from_url(url, base=Path("/srv/app"))
+
+
+def test_a_postgresql_url_gives_every_connection_field():
+    db = database_from_url(
+        "postgresql://app:s%40cret@db.internal:5433/persona_samples?sslmode=require&connect_timeout=5",
+        base=Path("/srv/app"),
+    )
+    assert db == {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "persona_samples",
+        "USER": "app",
+        "PASSWORD": "s@cret",
+        "HOST": "db.internal",
+        "PORT": "5433",
+        "OPTIONS": {"sslmode": "require", "connect_timeout": "5"},
+        "CONN_MAX_AGE": 0,
+    }
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "pgsql", "POSTGRESQL"])
+def test_postgresql_scheme_spellings(scheme):
+    db = database_from_url(f"{scheme}://postgres@127.0.0.1/persona", base=Path("/"))
+    assert (db["ENGINE"], db["NAME"], db["USER"], db["PASSWORD"], db["PORT"]) == (
+        "django.db.backends.postgresql",
+        "persona",
+        "postgres",
+        "",
+        "",
+    )
+
+
+def test_a_postgresql_url_without_a_database_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="names no database: use postgresql://USER@HOST:5432/DBNAME"):
+        database_from_url("postgresql://postgres@127.0.0.1:5432/", base=Path("/"))
+
+
+@pytest.mark.parametrize("url", ["mysql://root@localhost/db", "db.sqlite3", "http://example.com/db"])
+def test_an_unsupported_database_scheme_is_refused(url):
+    with pytest.raises(ImproperlyConfigured, match="DATABASE_URL has the unsupported scheme"):
+        database_from_url(url, base=Path("/"))
+
+
+# --- system checks ------------------------------------------------------------------------------
+
+
+def ids(problems: list[Error | Warning]) -> list[str]:
+    return [p.id for p in problems]
+
+
+@pytest.fixture
+def gpu(settings):
+    def override(**options: object) -> None:
+        settings.GPUSCHEDULER = {**settings.GPUSCHEDULER, **options}
+
+    return override
+
+
+@pytest.fixture
+def samples(settings):
+    def override(**options: object) -> None:
+        settings.SAMPLES = {**settings.SAMPLES, **options}
+
+    return override
+
+
+def test_the_test_settings_pass_every_check():
+    assert check_settings() == []
+
+
+def test_an_unknown_policy_is_error_e001(gpu):
+    gpu(POLICY="fastest")
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E001"
+    assert isinstance(problem, Error)
+    assert "GPU_POLICY='fastest'" in problem.msg
+    assert "balanced, least_memory, round_robin" in problem.hint
+
+
+def test_an_unknown_backend_is_error_e002(gpu):
+    gpu(BACKEND="rocm")
+    assert ids(check_settings()) == ["gpuscheduler.E002"]
+
+
+@pytest.mark.parametrize("model", ["", "not a model!", "simulated:fast", "simulated:-1", "/no/such/model/dir", "a/b/c"])
+def test_a_bad_samples_model_is_error_e003(samples, model):
+    samples(MODEL=model)
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E003"
+    assert "SAMPLES_MODEL" in problem.msg
+    assert "tiny" in problem.hint
+
+
+@pytest.mark.parametrize("model", ["tiny", "simulated:0.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+def test_good_samples_models_pass(samples, model):
+    samples(MODEL=model)
+    assert check_settings() == []
+
+
+def test_zero_batch_or_request_size_is_error_e004(samples):
+    samples(MAX_BATCH=0)
+    assert ids(check_settings()) == ["gpuscheduler.E004"]
+
+
+def test_a_lease_shorter_than_three_heartbeats_is_error_e005(gpu):
+    gpu(HEARTBEAT_INTERVAL=5.0, LEASE_SECONDS=14.0)
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E005"
+    assert "GPU_LEASE_SECONDS=14.0" in problem.msg and "GPU_HEARTBEAT_INTERVAL=5.0" in problem.msg
+    assert "3 x" in problem.hint
+
+
+def test_a_lease_of_three_heartbeats_passes(gpu):
+    gpu(HEARTBEAT_INTERVAL=5.0, LEASE_SECONDS=15.0)
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "127.0.0.1:6379", "tcp://redis:6379"])
+def test_a_redis_url_with_a_wrong_scheme_is_error_e006(settings, url):
+    settings.REDIS_URL = url
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E006"
+    assert isinstance(problem, Error)
+
+
+def test_remote_redis_without_a_password_is_warning_w001(settings):
+    settings.REDIS_URL = "redis://redis.internal:6379/0"
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.W001"
+    assert isinstance(problem, Warning) and not isinstance(problem, Error)
+    assert "without a password" in problem.msg
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost/1",
+        "redis://:s3cret@redis.internal:6379/0",
+        "rediss://redis.internal:6380/0",
+        "unix:///run/redis/redis.sock",
+    ],
+)
+def test_local_password_protected_tls_or_socket_redis_passes(settings, url):
+    settings.REDIS_URL = url
+    assert check_settings() == []
+
+
+def test_several_problems_are_reported_together(gpu, settings):
+    gpu(POLICY="nope", HEARTBEAT_INTERVAL=10.0, LEASE_SECONDS=5.0)
+    settings.REDIS_URL = "http://x"
+    assert ids(check_settings()) == ["gpuscheduler.E001", "gpuscheduler.E005", "gpuscheduler.E006"]
+
+
+def test_the_check_is_registered_with_django(gpu):
+    from django.core.checks import run_checks
+
+    gpu(POLICY="nope")
+    assert "gpuscheduler.E001" in [problem.id for problem in run_checks()]
