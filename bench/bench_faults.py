@@ -130,7 +130,10 @@ def main() -> None:
                     try:
                         os.kill(pid, signal.SIGKILL)
                         kills.append((time.time(), assignment_id, device_id))
-                        print(f"{now - started:6.1f} s  SIGKILL worker pid {pid} (device {device_id}, assignment {assignment_id})")
+                        print(
+                            f"{now - started:6.1f} s  SIGKILL worker pid {pid} "
+                            f"(device {device_id}, assignment {assignment_id})"
+                        )
                     except ProcessLookupError:
                         pass
                 next_kill = now + args.kill_every
@@ -159,7 +162,9 @@ def main() -> None:
         redis_recovery = None
         if redis_back_at is not None:
             first_start = (
-                Assignment.objects.filter(started_at__isnull=False).order_by("started_at").values_list("started_at", flat=True)
+                Assignment.objects.filter(started_at__isnull=False)
+                .order_by("started_at")
+                .values_list("started_at", flat=True)
             )
             after = [t.timestamp() - redis_back_at for t in first_start if t.timestamp() >= redis_back_at]
             redis_recovery = min(after) if after else None
@@ -180,7 +185,10 @@ def main() -> None:
         ["workers killed", len(kills)],
         ["recovery after a kill, longest s", f"{max(recoveries):.1f}" if recoveries else "n/a"],
         ["recovery after a kill, median s", f"{sorted(recoveries)[len(recoveries) // 2]:.1f}" if recoveries else "n/a"],
-        ["first job started after Redis came back, s", f"{redis_recovery:.1f}" if redis_recovery is not None else "n/a"],
+        [
+            "first job started after Redis came back, s",
+            f"{redis_recovery:.1f}" if redis_recovery is not None else "n/a",
+        ],
         ["attempts by state", ", ".join(f"{k} {v}" for k, v in sorted(states.items()))],
         ["wall time s", f"{elapsed:.1f}"],
     ]

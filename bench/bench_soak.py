@@ -63,7 +63,10 @@ def main() -> None:
     per_100 = (end - base) / MB / ((args.jobs - args.warmup) / 100)
     total = samples[-1][2]
     print()
-    print(f"model {args.model}: {args.jobs} jobs in {total:.1f} s ({args.jobs / total:.1f} jobs/s), {failed} not succeeded")
+    print(
+        f"model {args.model}: {args.jobs} jobs in {total:.1f} s ({args.jobs / total:.1f} jobs/s), "
+        f"{failed} not succeeded"
+    )
     verdict = "PASS" if per_100 < 1.0 else "FAIL"
     print(f"growth after {args.warmup} warm-up jobs: {per_100:+.3f} MB per 100 jobs (target < 1 MB): {verdict}")
 

@@ -168,6 +168,7 @@ def run_child(backend: str, *, requests: int, devices: int) -> list[dict[str, An
 def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
     """8 simulated H100s with live workers, and a week of two-minute jobs on each."""
     from django.contrib.auth.models import User
+    from django.db.models import F
 
     from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, WorkerState
     from personas.models import Persona, RequestState, SampleRequest
@@ -176,7 +177,7 @@ def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
     devices = [
         Device.objects.create(
             host="bench",
-            uuid=f"SIM-bench-{i:04d}",
+            uuid=f"SIM-{i:04d}-bench",
             name="H100",
             index=i,
             kind=DeviceKind.SIMULATED,
@@ -192,7 +193,9 @@ def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
     personas = Persona.objects.bulk_create(
         Persona(name=f"Persona {i}", slug=f"persona-{i}", appearance_prompt=f"portrait {i}") for i in range(200)
     )
-    starts = [now - timedelta(seconds=s) for s in range(JOB_EVERY, DAYS * 86400, JOB_EVERY)]
+    # Oldest first, so ids grow with time as they do in a running system.
+    starts = [now - timedelta(seconds=s) for s in range(DAYS * 86400 - JOB_EVERY, 0, -JOB_EVERY)]
+    jobs = [(i, start, d) for i, start in enumerate(starts) for d in range(count)]
     requests = SampleRequest.objects.bulk_create(
         (
             SampleRequest(
@@ -204,15 +207,14 @@ def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
                 state=RequestState.SUCCEEDED,
                 finished_at=start + timedelta(seconds=JOB_LENGTH),
             )
-            for i, start in enumerate(starts)
-            for d in range(count)
+            for i, start, d in jobs
         ),
         batch_size=2000,
     )
     Assignment.objects.bulk_create(
         (
             Assignment(
-                request=req,
+                request=request,
                 image_count=4,
                 job_id=f"bench-{i}-{d}",
                 queue_name=f"gpu.{devices[d].pk}",
@@ -228,15 +230,12 @@ def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
                 finished_at=start + timedelta(seconds=JOB_LENGTH),
                 calls=1,
             )
-            for (i, start), d, req in zip(
-                ((i, s) for i, s in enumerate(starts) for _ in range(count)),
-                (d for _ in starts for d in range(count)),
-                requests,
-                strict=True,
-            )
+            for (i, start, d), request in zip(jobs, requests, strict=True)
         ),
         batch_size=2000,
     )
+    # queued_at is auto_now_add: put it back where a running system would have it.
+    Assignment.objects.update(queued_at=F("started_at"))
     # The job running right now on every device, and a queued backlog.
     for d, device in enumerate(devices):
         persona = Persona.objects.create(name=f"Running {d}", slug=f"running-{d}", appearance_prompt="x")
@@ -253,6 +252,8 @@ def fill_devices_and_jobs(count: int, now: datetime) -> list[int]:
             policy="balanced",
             reason="bench",
             state=AssignmentState.RUNNING,
+            worker_name=device.worker_name,
+            host="bench",
             started_at=now - timedelta(seconds=40),
             heartbeat_at=now,
         )
@@ -383,7 +384,12 @@ def time_views(backend: str, pattern: str, rows: int, requests: int, notes: list
     from django.db import connection
     from django.test import Client
     from django.urls import reverse
+    from django.utils import timezone
 
+    from gpuscheduler.models import Device
+
+    # Workers are alive (their heartbeat is fresh), so every card shows its current job.
+    Device.objects.update(worker_seen_at=timezone.now())
     client = Client(HTTP_HOST="localhost")  # the project allows only its own hosts
     client.force_login(User.objects.get(username="bench"))
     page = reverse("admin:gpuscheduler_gpustatuspage_changelist")

@@ -5,6 +5,7 @@ Benchmarks are not tests: they start real processes, take minutes, and print a t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,9 +44,8 @@ class Installation:
         import django
 
         django.setup()
-        from django.core.management import call_command
-
         import redis
+        from django.core.management import call_command
 
         from gpuscheduler import queues
 
@@ -54,7 +54,7 @@ class Installation:
         call_command("migrate", verbosity=0)
 
     def start(self, *args: str, env: dict[str, str] | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
-        log = open(self.dir / f"{len(self.children):02d}-{args[0]}.log", "wb")
+        log = open(self.dir / f"{len(self.children):02d}-{args[0]}.log", "wb")  # noqa: SIM115 (the child's)
         process = subprocess.Popen(
             [*MANAGE, *args],
             cwd=ROOT,
@@ -67,21 +67,22 @@ class Installation:
         return process
 
     def close(self, keep: bool = False) -> None:
+        self.stop_processes()
+        if keep:
+            print(f"(logs kept in {self.dir})")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop_processes(self) -> None:
         for process in self.children:
             if process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for process in self.children:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        if keep:
-            print(f"(logs kept in {self.dir})")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

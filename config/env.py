@@ -106,10 +106,7 @@ def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
                 f"DATABASE_URL={url!r} names no file: use sqlite:///var/db.sqlite3 (relative) "
                 "or sqlite:////srv/app/db.sqlite3 (absolute)."
             )
-        if raw_path.startswith("//"):
-            path = Path(raw_path[1:])
-        else:
-            path = base / raw_path.lstrip("/")
+        path = Path(raw_path[1:]) if raw_path.startswith("//") else base / raw_path.lstrip("/")
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(path),

@@ -146,6 +146,6 @@ def _filters(request: HttpRequest) -> dict[str, Any]:
     device = request.GET.get("device", "")
     state = request.GET.get("state", "")
     return {
-        "device_id": int(device) if device.isdigit() and len(device) < 16 else None,
+        "device_id": int(device) if device.isdecimal() and len(device) < 16 else None,
         "state": state if state in AssignmentState.values else None,
     }

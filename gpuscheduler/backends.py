@@ -6,6 +6,7 @@ Reading with ok=False and the error text, so one lost GPU never stops the collec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -68,10 +69,8 @@ class CpuBackend:
     def read(self) -> list[Reading]:
         total, available = _host_memory()
         load = None
-        try:
+        with contextlib.suppress(OSError):
             load = min(100.0, 100.0 * os.getloadavg()[0] / (os.cpu_count() or 1))
-        except OSError:
-            pass
         used = total - available if total else None
         return [Reading(uuid=CPU_UUID, ok=True, memory_used=used, memory_total=total or None, utilization=load)]
 

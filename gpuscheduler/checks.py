@@ -31,14 +31,22 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
         )
     if config["BACKEND"] not in ("auto", "nvml", "cpu", "simulated"):
         problems.append(
-            Error(f"GPU_BACKEND={config['BACKEND']!r} is unknown.", hint="Use auto, nvml, cpu or simulated.", id="gpuscheduler.E002")
+            Error(
+                f"GPU_BACKEND={config['BACKEND']!r} is unknown.",
+                hint="Use auto, nvml, cpu or simulated.",
+                id="gpuscheduler.E002",
+            )
         )
     try:
         parse_model(samples["MODEL"])
     except ModelError as exc:
-        problems.append(Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003"))
+        problems.append(
+            Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003")
+        )
     if samples["MAX_BATCH"] < 1 or samples["MAX_PER_REQUEST"] < 1:
-        problems.append(Error("SAMPLES_MAX_BATCH and SAMPLES_MAX_PER_REQUEST must be at least 1.", id="gpuscheduler.E004"))
+        problems.append(
+            Error("SAMPLES_MAX_BATCH and SAMPLES_MAX_PER_REQUEST must be at least 1.", id="gpuscheduler.E004")
+        )
     if config["HEARTBEAT_INTERVAL"] * 3 > config["LEASE_SECONDS"]:
         problems.append(
             Error(

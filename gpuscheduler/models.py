@@ -17,6 +17,7 @@ class Health(models.TextChoices):
 
 
 class WorkerState(models.TextChoices):
+    STARTING = "starting", "Starting (loading the model)"
     IDLE = "idle", "Idle"
     BUSY = "busy", "Busy"
     PAUSED = "paused", "Paused (device not admitted)"
@@ -128,10 +129,16 @@ class Assignment(models.Model):
     job_id = models.CharField(max_length=64, unique=True)
     queue_name = models.CharField(max_length=100)
     planned_device = models.ForeignKey(Device, on_delete=models.PROTECT, related_name="planned_assignments")
-    device = models.ForeignKey(
-        Device, null=True, blank=True, on_delete=models.PROTECT, related_name="ran_assignments"
-    )
+    device = models.ForeignKey(Device, null=True, blank=True, on_delete=models.PROTECT, related_name="ran_assignments")
     pinned = models.BooleanField(default=False)
+    avoid_device = models.ForeignKey(
+        Device,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The device the previous attempt failed on; its worker hands this one to another device.",
+    )
     policy = models.CharField(max_length=40)
     reason = models.CharField(max_length=500)
     worker_name = models.CharField(max_length=200, blank=True)
@@ -183,3 +190,6 @@ class GpuStatusPage(models.Model):
         permissions = [("view_gpu_status", "Can view the GPU status page")]
         verbose_name = "GPU status"
         verbose_name_plural = "GPU status"
+
+    def __str__(self) -> str:
+        return "GPU status"

@@ -8,10 +8,12 @@ identified by UUID.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -62,10 +64,8 @@ class NvmlBackend:
         self._infos: list[DeviceInfo] | None = None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(self.nv.NVMLError):
             self.nv.nvmlShutdown()
-        except self.nv.NVMLError:
-            pass
 
     def devices(self) -> list[DeviceInfo]:
         if self._infos is not None:
@@ -81,8 +81,8 @@ class NvmlBackend:
                     name=_text(self.nv.nvmlDeviceGetName(handle)),
                     kind="cuda",
                     index=index,
-                    pci_bus_id=self._optional(lambda h=handle: _text(self.nv.nvmlDeviceGetPciInfo(h).busId)) or "",
-                    memory_total=self._optional(lambda h=handle: int(self.nv.nvmlDeviceGetMemoryInfo(h).total)) or 0,
+                    pci_bus_id=self._optional(partial(self._bus_id, handle)) or "",
+                    memory_total=self._optional(partial(self._memory_total, handle)) or 0,
                 )
             except self.nv.NVMLError as exc:
                 # A device that cannot even say who it is cannot be scheduled; the others can.
@@ -93,12 +93,20 @@ class NvmlBackend:
         self._infos = infos
         return infos
 
+    def _bus_id(self, handle: Any) -> str:
+        return _text(self.nv.nvmlDeviceGetPciInfo(handle).busId)
+
+    def _memory_total(self, handle: Any) -> int:
+        return int(self.nv.nvmlDeviceGetMemoryInfo(handle).total)
+
     def read(self) -> list[Reading]:
         return [self._read_one(info) for info in self.devices()]
 
     def _read_one(self, info: DeviceInfo) -> Reading:
         handle = self._handles[info.uuid]
         nv = self.nv
+        memory_used: int | None
+        memory_total: int | None
         try:
             memory = nv.nvmlDeviceGetMemoryInfo(handle)
             memory_used, memory_total = int(memory.used), int(memory.total)

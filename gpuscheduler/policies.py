@@ -224,7 +224,9 @@ def admit(
     if not ok:
         return Admission(False, f"NVML error: {error}" if error else "NVML did not answer")
     if temperature is not None and temperature >= limits.max_temperature:
-        return Admission(False, f"temperature {temperature:.0f} C is at or above the {limits.max_temperature:.0f} C limit")
+        return Admission(
+            False, f"temperature {temperature:.0f} C is at or above the {limits.max_temperature:.0f} C limit"
+        )
     if memory_used is not None and memory_total:
         free = memory_total - memory_used
         if free < limits.min_free_memory:

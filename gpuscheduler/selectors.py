@@ -46,18 +46,20 @@ def device_backlogs() -> dict[int, tuple[int, int]]:
     queued = (
         Assignment.objects.filter(state=AssignmentState.QUEUED)
         .values("planned_device")
-        .annotate(images=Sum("image_count"))
+        .annotate(total_images=Sum("image_count"))
     )
     running = (
-        Assignment.objects.filter(state=AssignmentState.RUNNING).values("device").annotate(images=Sum("image_count"))
+        Assignment.objects.filter(state=AssignmentState.RUNNING)
+        .values("device")
+        .annotate(total_images=Sum("image_count"))
     )
     backlog: dict[int, tuple[int, int]] = {}
     for row in queued:
-        backlog[row["planned_device"]] = (int(row["images"] or 0), 0)
+        backlog[row["planned_device"]] = (int(row["total_images"] or 0), 0)
     for row in running:
         if row["device"] is not None:
             q, _ = backlog.get(row["device"], (0, 0))
-            backlog[row["device"]] = (q, int(row["images"] or 0))
+            backlog[row["device"]] = (q, int(row["total_images"] or 0))
     return backlog
 
 
@@ -103,7 +105,7 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
     here = Device.objects.filter(host=host)
     if text.lower() == "cpu":
         return here.filter(kind=DeviceKind.CPU).first()
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) < 10:
         return here.filter(index=int(text)).exclude(kind=DeviceKind.CPU).first()
     exact = here.filter(uuid=text).first() or Device.objects.filter(uuid=text).first()
     if exact:
@@ -169,7 +171,9 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
                     "persona_id": current.request.persona_id if current.request else None,
                     "images": current.image_count,
                     "running_since": _iso(current.started_at),
-                    "running_seconds": round((now - current.started_at).total_seconds(), 1) if current.started_at else None,
+                    "running_seconds": round((now - current.started_at).total_seconds(), 1)
+                    if current.started_at
+                    else None,
                 },
                 "queued_images": queued,
                 "running_images": running,
@@ -205,7 +209,16 @@ class EpochSeconds(Func):
 #  mean memory_used, largest memory_total, mean utilization, mean temperature)
 HistoryRow = tuple[Any, ...]
 HISTORY_COLUMNS = (
-    "device_id", "bucket_seconds", "slot", "first", "last", "mean", "used", "total", "utilization", "temperature",
+    "device_id",
+    "bucket_seconds",
+    "slot",
+    "first",
+    "last",
+    "mean",
+    "used",
+    "total",
+    "utilization",
+    "temperature",
 )
 
 
@@ -240,8 +253,17 @@ def snapshot_history(
 
 
 SPAN_FIELDS = (
-    "id", "job_id", "state", "first_index", "image_count", "started_at", "finished_at", "heartbeat_at",
-    "device_id", "request__persona_id", "request__persona__name",
+    "id",
+    "job_id",
+    "state",
+    "first_index",
+    "image_count",
+    "started_at",
+    "finished_at",
+    "heartbeat_at",
+    "device_id",
+    "request__persona_id",
+    "request__persona__name",
 )
 
 

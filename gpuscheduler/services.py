@@ -90,9 +90,12 @@ def device_health_update(*, device: Device, admission: Admission, now: datetime 
     if not admission.ok:
         new, new_reason = Health.UNHEALTHY, admission.reason
     elif health == Health.UNHEALTHY:
-        new, new_reason = Health.PROBATION, f"readings within limits again since {now:%H:%M:%S}; waiting for a canary job"
+        new, new_reason = (
+            Health.PROBATION,
+            f"readings within limits again since {now:%H:%M:%S}; waiting for a canary job",
+        )
     else:
-        new, new_reason = health, reason
+        new, new_reason = Health(health), reason
     if (new, new_reason) != (health, reason):
         updated = Device.objects.filter(pk=device.pk, health=health).update(
             health=new, health_reason=new_reason[:500], **({"health_changed_at": now} if new != health else {})
@@ -180,7 +183,9 @@ def worker_attach(*, device: Device, name: str, pid: int, host: str) -> str | No
         return f"worker {current['worker_name']} (pid {current['worker_pid']}) holds {device.label}"
     updated = Device.objects.filter(
         pk=device.pk, worker_name=current["worker_name"], worker_seen_at=current["worker_seen_at"]
-    ).update(worker_name=name, worker_pid=pid, worker_seen_at=now, worker_state=WorkerState.IDLE, current_assignment=None)
+    ).update(
+        worker_name=name, worker_pid=pid, worker_seen_at=now, worker_state=WorkerState.STARTING, current_assignment=None
+    )
     return None if updated else "another worker attached at the same moment"
 
 
@@ -258,6 +263,7 @@ def assignments_place(
             queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned_device is not None),
             planned_device_id=chunk.device_id,
             pinned=pinned_device is not None,
+            avoid_device_id=avoid_device_id if pinned_device is None else None,
             policy=policy_name,
             reason=chunk.reason[:500],
         )
@@ -285,8 +291,25 @@ def enqueue_on_commit(assignments: list[Assignment]) -> None:
 def assignment_claim(
     *, assignment_id: int, device: Device, worker_name: str, host: str, timeout: float
 ) -> Assignment | None:
-    """Take a queued attempt for this worker; None if it was already taken, cancelled or replaced."""
+    """Take a queued attempt for this worker; None if it was already taken, cancelled or replaced,
+    or if it is a retry of an attempt that failed on this device and another device can take it."""
     now = timezone.now()
+    row = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).values(
+        "avoid_device_id", "queued_at"
+    )
+    first = row.first()
+    if first is None:
+        return None
+    if first["avoid_device_id"] == device.pk and first["queued_at"] > now - timedelta(seconds=AVOID_SECONDS):
+        if assignment_move_away(assignment_id=assignment_id, device=device):
+            return None
+        lease = timedelta(seconds=float(gpu_config()["LEASE_SECONDS"]))
+        if Device.objects.exclude(pk=device.pk).filter(worker_seen_at__gte=now - lease).exists():
+            # Another device has a worker but cannot take work this instant (busy recovering,
+            # in probation): leave the job; the reconciler puts it back on its queue in a few
+            # seconds, and it moves as soon as that device is healthy.
+            log.info("assignment %s failed on %s before: leaving it for another device", assignment_id, device.label)
+            return None
     claimed = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
         state=AssignmentState.RUNNING,
         device=device,
@@ -301,12 +324,40 @@ def assignment_claim(
     return Assignment.objects.select_related("planned_device", "device").get(pk=assignment_id)
 
 
+# A retry avoids the device its previous attempt failed on for this long; after that (or when
+# no other device can take it) that device may try again.
+AVOID_SECONDS = 60.0
+
+
+def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
+    """Hand a retry that failed on `device` to the best other device that can run it now.
+
+    Any worker may steal any queued job, so placing a retry elsewhere is not enough: the worker
+    of the device it failed on (out of memory at one image, a timeout) hands it on when it pops it.
+    """
+    with transaction.atomic():
+        devices = list(Device.objects.select_for_update().order_by("pk"))
+        views = [v for v in device_views(devices) if v.id != device.pk and v.healthy and v.worker_alive]
+        ranked = get_policy(gpu_config()["POLICY"])(views, placement_sequence()) if views else []
+        if not ranked:
+            return False
+        target = ranked[0]
+        moved = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
+            planned_device_id=target.device.id,
+            queue_name=queues.device_queue_name(target.device.id),
+            reason=f"moved away from {device.label}, where it failed: {target.reason}"[:500],
+        )
+        if not moved:
+            return False
+        log.info("assignment %s moved from %s to %s", assignment_id, device.label, target.device.label)
+        enqueue_on_commit(list(Assignment.objects.filter(pk=assignment_id)))
+    return True
+
+
 def assignment_heartbeat(*, assignment_id: int) -> bool:
     """Extend this attempt's lease; False means it was abandoned and its work will be dropped."""
     return bool(
-        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
-            heartbeat_at=timezone.now()
-        )
+        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(heartbeat_at=timezone.now())
     )
 
 
@@ -345,6 +396,7 @@ def assignment_fail(*, assignment_id: int, error: str, retryable: bool = True) -
 
 def _retry(old: Assignment, *, reason: str) -> Assignment | None:
     """Place the next attempt of `old`'s chunk, away from the device it failed on if possible."""
+    assert old.request_id is not None, "only sample attempts are retried"
     pinned = old.planned_device if old.pinned else None
     try:
         with transaction.atomic():
@@ -374,10 +426,18 @@ def _retry(old: Assignment, *, reason: str) -> Assignment | None:
                 queue_name=old.queue_name,
                 planned_device_id=old.planned_device_id,
                 pinned=old.pinned,
+                avoid_device_id=None if old.pinned else old.device_id,
                 policy=old.policy,
                 reason=f"retry on its planned device: {exc}"[:500],
             )
-    log.warning("job %s: attempt %d ended (%s); retry %s placed on %s", old.job_id, old.attempt, reason, retry.job_id, retry.queue_name)
+    log.warning(
+        "job %s: attempt %d ended (%s); retry %s placed on %s",
+        old.job_id,
+        old.attempt,
+        reason,
+        retry.job_id,
+        retry.queue_name,
+    )
     enqueue_on_commit([retry])
     return retry
 
@@ -429,16 +489,18 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
         )
         with transaction.atomic():
             # Only the reconciler whose UPDATE matches the stale row abandons it.
-            won = Assignment.objects.filter(pk=old.pk, state=AssignmentState.RUNNING, heartbeat_at=old.heartbeat_at).update(
-                state=AssignmentState.ABANDONED, finished_at=now, error=why
-            )
+            won = Assignment.objects.filter(
+                pk=old.pk, state=AssignmentState.RUNNING, heartbeat_at=old.heartbeat_at
+            ).update(state=AssignmentState.ABANDONED, finished_at=now, error=why)
             if not won:
                 continue
             Device.objects.filter(current_assignment=old).update(current_assignment=None)
             if old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]:
                 _retry(old, reason=why)
             else:
-                Assignment.objects.filter(pk=old.pk).update(state=AssignmentState.FAILED, error=f"{why}; no attempts left")
+                Assignment.objects.filter(pk=old.pk).update(
+                    state=AssignmentState.FAILED, error=f"{why}; no attempts left"
+                )
         report.abandoned.append(old.job_id)
         _request_refresh(old.request_id)
 
@@ -519,14 +581,24 @@ def snapshots_compact(*, now: datetime | None = None, batch: int = 5000) -> tupl
     raw_edge = (now - timedelta(hours=float(config["SNAPSHOT_RAW_HOURS"]))).timestamp()
     cutoff = datetime.fromtimestamp(raw_edge - raw_edge % bucket, tz=now.tzinfo)
     folded = 0
-    for device_id in Snapshot.objects.filter(bucket_seconds=0, taken_at__lt=cutoff).values_list("device", flat=True).distinct():
+    for device_id in (
+        Snapshot.objects.filter(bucket_seconds=0, taken_at__lt=cutoff).values_list("device", flat=True).distinct()
+    ):
         while True:
             rows = list(
                 Snapshot.objects.filter(device_id=device_id, bucket_seconds=0, taken_at__lt=cutoff)
                 .order_by("taken_at")
                 .values_list(
-                    "id", "taken_at", "memory_used", "memory_total", "utilization", "temperature",
-                    "power_watts", "throttle_reasons", "health", "error",
+                    "id",
+                    "taken_at",
+                    "memory_used",
+                    "memory_total",
+                    "utilization",
+                    "temperature",
+                    "power_watts",
+                    "throttle_reasons",
+                    "health",
+                    "error",
                 )[:batch]
             )
             if not rows:

@@ -190,10 +190,10 @@ def _clock(value: datetime | None, now: datetime | None = None) -> str:
 
 
 def duration_text(seconds: float | None) -> str:
-    """12 s, 4 min, 3.5 h: how long ago or for how long, at a glance."""
+    """12 s, 4 min, 3.5 h: how long ago or for how long, at a glance ('' when unknown)."""
     if seconds is None:
-        return "-"
-    seconds = max(seconds, 0.0)
+        return ""
+    seconds = seconds if seconds > 0 else 0.0  # max() would keep -0.0, shown as "-0 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -210,13 +210,15 @@ def _card(
     if snap is not None:
         used, total = snap["memory_used"], snap["memory_total"]
         snap["memory_percent"] = round(_memory_percent(used, total) or 0.0, 1) if used is not None and total else None
-        snap["memory_text"] = f"{used / GIB:.1f} / {total / GIB:.1f} GiB" if used is not None and total else "-"
+        snap["memory_text"] = f"{used / GIB:.1f} / {total / GIB:.1f} GiB" if used is not None and total else ""
         snap["age_text"] = duration_text(snap["age_seconds"])
     row["worker"]["heartbeat_age_text"] = duration_text(row["worker"]["heartbeat_age_seconds"])
     job = row["current_job"]
     if job is not None:
         job["persona_url"] = persona_url(job["persona_id"], pattern)
         job["running_text"] = duration_text(job["running_seconds"])
+        started = job["running_since"]
+        job["running_since_text"] = _clock(datetime.fromisoformat(started)) if started else ""
     row["history"] = {
         "points": [
             [round(p.t, 1), *(None if getattr(p, m) is None else round(getattr(p, m), 1) for m in METRICS)]
@@ -265,7 +267,7 @@ def _assignment_row(a: Assignment, now: datetime, pattern: str) -> dict[str, Any
         "queued_text": _clock(a.queued_at, now),
         "started_text": _clock(a.started_at, now),
         "duration_seconds": round(duration, 1) if duration is not None else None,
-        "duration_text": duration_text(duration) if duration is not None else "-",
+        "duration_text": duration_text(duration),
     }
 
 

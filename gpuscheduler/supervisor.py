@@ -40,7 +40,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, devices: list[DeviceInfo], *, burst: bool = False, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, devices: list[DeviceInfo], *, burst: bool = False, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.children = [Child(info) for info in devices]
         self.burst = burst
         self.stopping = 0

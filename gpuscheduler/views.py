@@ -9,11 +9,12 @@ from typing import Any
 from django.contrib.admin import AdminSite
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 from django.urls import reverse
 
 
-def staff_view(site: AdminSite, view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+def staff_view(site: AdminSite, view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
     """admin_view (login, CSRF, never-cache) that answers 403 to a signed-in user who is not staff.
 
     Django's admin_view sends every non-staff user to the login page; for the URLs that change
@@ -24,7 +25,7 @@ def staff_view(site: AdminSite, view: Callable[..., HttpResponse]) -> Callable[.
     protected = site.admin_view(view)
 
     @wraps(view)
-    def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path(), reverse("admin:login", current_app=site.name))
         if not (request.user.is_active and request.user.is_staff):

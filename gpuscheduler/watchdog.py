@@ -9,6 +9,7 @@ the worker. It imports nothing of Django or torch and costs a few megabytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -41,10 +42,8 @@ def main(argv: list[str]) -> int:
                     deadline = None
         if deadline is not None and time.time() > deadline:
             sys.stderr.write(f"watchdog: worker {worker_pid} is past its job deadline; killing it\n")
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(worker_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             return 0
 
 

@@ -162,12 +162,14 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.wait(self.interval):
+        while True:
             try:
                 self.beat()
             except Exception:  # a Redis or database blip must not end the heartbeats
                 log.exception("heartbeat failed; trying again in %.1f s", self.interval)
                 close_old_connections()
+            if self.stopping.wait(self.interval):
+                break
         connection.close()
 
     def beat(self) -> None:
@@ -180,9 +182,13 @@ class Heartbeat(threading.Thread):
         if self.worker is None:
             return  # a --sync run holds no worker slot and no rq registration
         state = WorkerState.BUSY if assignment_id else self.worker.idle_state
-        if not scheduler.worker_beat(device=context.device, name=context.name, state=state, assignment_id=assignment_id):
+        if not scheduler.worker_beat(
+            device=context.device, name=context.name, state=state, assignment_id=assignment_id
+        ):
             log.error("another worker has taken over %s; this one stops after its current job", context.device.label)
             self.worker.request_stop_soon()
+        if self.worker.birth_date is None:
+            return  # rq has not registered the worker yet: a heartbeat now would make its key exist
         with contextlib.suppress(*queues.REDIS_ERRORS):
             job, execution = self.worker.running
             if job is not None and execution is not None:
@@ -240,7 +246,9 @@ class GpuWorker(SimpleWorker):
     def request_stop_soon(self) -> None:
         self._soon_stop = True
 
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
         """rq's dequeue loop, with an admission check and housekeeping before every pop."""
         burst = timeout is None
         self.set_state("idle")
@@ -393,10 +401,12 @@ def resolve_local_device(text: str) -> tuple[Backend, DeviceInfo]:
         return cpu, cpu.devices()[0]
     backend = get_backend()
     infos = backend.devices()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         found = [i for i in infos if i.index == int(text) and i.kind != "cpu"]
     else:
-        found = [i for i in infos if i.uuid == text] or [i for i in infos if text and i.uuid.lower().startswith(text.lower())]
+        found = [i for i in infos if i.uuid == text] or [
+            i for i in infos if text and i.uuid.lower().startswith(text.lower())
+        ]
     if len(found) != 1:
         known = ", ".join(f"{i.index}={i.uuid} ({i.name})" for i in infos) or "none"
         raise DeviceNotFound(

@@ -12,6 +12,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.db.models import Count, QuerySet
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.http.response import HttpResponseBase
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
@@ -224,7 +225,8 @@ class PersonaAdmin(admin.ModelAdmin):
                 reason = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
                 refused[reason].append(persona)
         if submitted:
-            self.message_user(request, *reversed(submitted_message(*submitted)))
+            level, text = submitted_message(*submitted)
+            self.message_user(request, text, level)
         if already:
             self.message_user(
                 request, f"Already queued, nothing new was queued for them: {' '.join(already)}", messages.WARNING
@@ -232,7 +234,7 @@ class PersonaAdmin(admin.ModelAdmin):
         for reason, personas in refused.items():
             self.message_user(request, f"Nothing was queued for {_names(personas)}. {reason}", messages.ERROR)
 
-    def image_view(self, request: HttpRequest, image_id: int) -> HttpResponse:
+    def image_view(self, request: HttpRequest, image_id: int) -> HttpResponseBase:
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()
         if image is None or not self.has_view_permission(request, image.persona):
             raise Http404("No such image.")

@@ -110,9 +110,7 @@ class SampleRequest(models.Model):
 
 class SampleImage(models.Model):
     persona = models.ForeignKey(Persona, on_delete=models.CASCADE, related_name="sample_images")
-    request = models.ForeignKey(
-        SampleRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
-    )
+    request = models.ForeignKey(SampleRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="images")
     assignment = models.ForeignKey(
         "gpuscheduler.Assignment", null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
     )

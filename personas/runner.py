@@ -41,7 +41,9 @@ class WaitReport:
         for request in requests:
             request.refresh_from_db()
         images = list(
-            SampleImage.objects.filter(request__in=requests).select_related("persona", "device").order_by("request", "index")
+            SampleImage.objects.filter(request__in=requests)
+            .select_related("persona", "device")
+            .order_by("request", "index")
         )
         return cls(requests=requests, images=images, finished=finished, timed_out=timed_out)
 
@@ -53,7 +55,8 @@ class WaitReport:
         requested = sum(r.count for r in self.requests)
         made: dict[int, int] = {}
         for image in self.images:
-            made[image.request_id] = made.get(image.request_id, 0) + 1
+            if image.request_id is not None:
+                made[image.request_id] = made.get(image.request_id, 0) + 1
         ended = [r for r in self.requests if r.state not in ACTIVE_REQUEST_STATES]
         failed = sum(r.count - made.get(r.pk, 0) for r in ended) if self.finished or self.timed_out else 0
         pending = sum(r.count - made.get(r.pk, 0) for r in self.requests if r.state in ACTIVE_REQUEST_STATES)
@@ -66,7 +69,9 @@ class WaitReport:
             "skipped": self.skipped,
             "seconds": round(seconds, 3),
             "by_device": by_device,
-            "requests": [{"id": r.pk, "persona": r.persona.slug, "count": r.count, "state": r.state} for r in self.requests],
+            "requests": [
+                {"id": r.pk, "persona": r.persona.slug, "count": r.count, "state": r.state} for r in self.requests
+            ],
             "images": [
                 {
                     "persona": image.persona.slug,

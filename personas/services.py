@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -81,7 +82,7 @@ def sample_request_submit(
     persona: Persona,
     count: int,
     device: Device | None = None,
-    user: object | None = None,
+    user: Any = None,
     source: str = RequestSource.ADMIN,
     enqueue: bool = True,
 ) -> Submitted:
@@ -119,7 +120,7 @@ def sample_request_submit(
         tally: Counter[str] = Counter()
         for a in assignments:
             tally[labels[a.planned_device_id].label] += a.image_count
-        submitted.by_device = dict(tally)
+        submitted.by_device = dict(sorted(tally.items()))
 
         def enqueue_now() -> None:
             submitted.enqueued = queues.enqueue_assignments(
@@ -139,9 +140,9 @@ def sample_request_refresh(*, request_id: int) -> SampleRequest | None:
     if request is None or not request.is_active:
         return request
     attempts = list(request.assignments.order_by("first_index", "-attempt").values("first_index", "state", "error"))
-    latest: dict[int, dict[str, str]] = {}
+    latest: dict[int, dict[str, Any]] = {}
     for row in attempts:
-        latest.setdefault(row["first_index"], row)
+        latest.setdefault(row["first_index"], dict(row))
     states = [row["state"] for row in latest.values()]
     now = timezone.now()
     if any(s in LIVE_STATES for s in states):
@@ -170,7 +171,7 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
     """
     with transaction.atomic():
         won = SampleRequest.objects.filter(pk=request.pk, state__in=ACTIVE_REQUEST_STATES).update(
-            state=RequestState.CANCELLED, finished_at=timezone.now(), error="cancelled"
+            state=RequestState.CANCELLED, finished_at=timezone.now(), error=""
         )
         if not won:
             return 0
@@ -178,7 +179,12 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
         request.assignments.filter(state=AssignmentState.QUEUED).update(
             state=AssignmentState.CANCELLED, finished_at=timezone.now(), error="request cancelled"
         )
-        transaction.on_commit(lambda: [queues.cancel_job(job_id, queue) for job_id, queue in waiting])
+
+        def remove_jobs() -> None:
+            for job_id, queue in waiting:
+                queues.cancel_job(job_id, queue)
+
+        transaction.on_commit(remove_jobs)
     request.refresh_from_db()
     return len(waiting)
 
@@ -292,13 +298,16 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
         host=context.host,
         timeout=float(config["JOB_TIMEOUT"]),
     )
-    if assignment is None:
+    if assignment is None or assignment.request_id is None:
         log.info("assignment %s is no longer queued (taken, cancelled or replaced): skipping", assignment_id)
         return {"assignment": assignment_id, "skipped": True}
     request = SampleRequest.objects.select_related("persona").get(pk=assignment.request_id)
     sample_request_mark_started(request_id=request.pk)
-    seeds = [request.seed_for(i) for i in range(assignment.first_index, assignment.first_index + assignment.image_count)]
+    seeds = [
+        request.seed_for(i) for i in range(assignment.first_index, assignment.first_index + assignment.image_count)
+    ]
     with context.running(assignment):
+        started = time.monotonic()
         try:
             result = context.generator.generate(
                 model=request.model,
@@ -319,6 +328,7 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
             retry = scheduler.assignment_fail(assignment_id=assignment_id, error=error, retryable=True)
             log.error("assignment %s failed on %s: %s (retry: %s)", assignment_id, context.device.label, exc, retry)
             raise
+        generated = time.monotonic()
         committed = sample_images_commit(
             assignment=assignment,
             request=request,
@@ -327,6 +337,15 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
             calls=result.calls,
             peak_memory=result.peak_memory,
             note="\n".join(result.notes),
+        )
+        log.info(
+            "assignment %s: %d images in %d call(s) on %s: generate %.2f s, commit %.2f s",
+            assignment_id,
+            len(result.images),
+            result.calls,
+            context.device.label,
+            generated - started,
+            time.monotonic() - generated,
         )
     return {
         "assignment": assignment_id,

@@ -65,7 +65,9 @@ def configure(settings: Any, env: dict[str, str]) -> None:
             group, key = SETTING_KEYS[name]
             current = dict(getattr(settings, group))
             default = current.get(key)
-            current[key] = type(default)(value) if isinstance(default, int | float) and not isinstance(default, bool) else value
+            current[key] = (
+                type(default)(value) if isinstance(default, int | float) and not isinstance(default, bool) else value
+            )
             setattr(settings, group, current)
 
 
@@ -162,7 +164,9 @@ def persona(persona_factory: Callable[..., Persona]) -> Persona:
 
 @pytest.fixture
 def device_factory(db: None, settings: Any) -> Callable[..., Device]:
-    def make(name: str = "H100", *, kind: str = DeviceKind.SIMULATED, health: str = Health.HEALTHY, **fields: Any) -> Device:
+    def make(
+        name: str = "H100", *, kind: str = DeviceKind.SIMULATED, health: str = Health.HEALTHY, **fields: Any
+    ) -> Device:
         n = next(_counter)
         info = DeviceInfo(
             uuid=fields.pop("uuid", f"SIM-test-{n:04d}"),
@@ -216,8 +220,21 @@ class PrivateRedis:
         if binary is None:
             pytest.skip("redis-server is not on PATH: apt-get install redis-server")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -255,3 +272,23 @@ def private_redis(tmp_path: Path, settings: Any) -> Iterator[PrivateRedis]:
     finally:
         server.stop()
         queues._connection.cache_clear()
+
+
+def _gpu_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not _gpu_present():
+        skip = pytest.mark.skip(
+            reason="needs an NVIDIA GPU (NVML finds none); run with `pytest -m gpu` on a GPU machine"
+        )
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,7 +51,7 @@ class Processes:
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         name = "-".join(a.lstrip("-") for a in args)[:60]
         log_path = self.log_dir / f"{len(self.children):02d}-{name}.log"
-        handle = open(log_path, "wb")
+        handle = open(log_path, "wb")  # noqa: SIM115 (held by the child process)
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), *args],
             cwd=ROOT,
@@ -72,20 +73,14 @@ class Processes:
     def stop(self, timeout: float = 15.0) -> None:
         for _, process in self.children:
             if process.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + timeout
         for _, process in self.children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             process.wait(timeout=5)
 
 

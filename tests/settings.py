@@ -25,6 +25,6 @@ os.environ.setdefault("GPU_HOST", "testhost")
 os.environ.setdefault("SAMPLES_STEPS", "2")
 os.environ.setdefault("LOG_LEVEL", "warning")
 
-from config.settings import *  # noqa: E402,F403
+from config.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

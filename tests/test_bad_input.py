@@ -20,7 +20,21 @@ from personas.models import Persona, SampleImage, SampleRequest
 from personas.services import sample_assignment_run, sample_request_submit
 
 NASTY = st.sampled_from(
-    ["../", "../../etc/passwd", "a\x00b", "\u202egnp.exe", "🙂🚀", "٣", "1e3", "0x10", " 4 ", "-1", "", "%00", "<script>"]
+    [
+        "../",
+        "../../etc/passwd",
+        "a\x00b",
+        "\u202egnp.exe",
+        "🙂🚀",
+        "٣",
+        "1e3",
+        "0x10",
+        " 4 ",
+        "-1",
+        "",
+        "%00",
+        "<script>",
+    ]
 )
 # 10 kB of text: a short random piece repeated (Hypothesis draws at most a few kB itself).
 HUGE = st.text(min_size=1, max_size=8, alphabet="ab🙂\u202e/.\x00").map(lambda piece: (piece * 10_240)[:10_240])
@@ -34,7 +48,9 @@ FAST = hypothesis_settings(
 
 @FAST
 @given(count=COUNTS, device=st.one_of(st.none(), TEXT))
-def test_generate_button_answers_hostile_input_with_a_message_never_a_500(admin_client, persona, device_factory, count, device):
+def test_generate_button_answers_hostile_input_with_a_message_never_a_500(
+    admin_client, persona, device_factory, count, device
+):
     device_factory("H100")
     data = {"count": count} if device is None else {"count": count, "device": device}
     response = admin_client.post(reverse("admin:personas_persona_generate", args=[persona.pk]), data)

@@ -27,7 +27,7 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     )
 
     assert response.status_code == 302
-    message = [str(m) for m in get_messages(response.wsgi_request)][0]
+    message = next(str(m) for m in get_messages(response.wsgi_request))
     assert message.startswith("Queued 4 images of Ada Lovelace: 2 on SIM 0 H100, 2 on SIM 1 H100"), message
     request = SampleRequest.objects.get(persona=persona)
     wait_for(
@@ -49,3 +49,4 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     assert all(a.calls == 1 for a in succeeded), "each attempt makes its images in one pipeline call"
     assert {image.device_id for image in images} == {a.device_id for a in succeeded}
     wait_for(lambda: Snapshot.objects.values("device").distinct().count() == 2, 10, "snapshots of both devices")
+    assert "recovery:" not in cluster.logs(), "the happy path needs no abandoning or re-enqueueing"

@@ -30,7 +30,9 @@ def sim_uuids(spec: str = "sim*2") -> list[str]:
     return [info.uuid for info in describe(spec, settings.GPUSCHEDULER["HOST"])]
 
 
-def wait_request(request: SampleRequest, cluster, timeout: float = 60, state: str = RequestState.SUCCEEDED) -> SampleRequest:
+def wait_request(
+    request: SampleRequest, cluster, timeout: float = 60, state: str = RequestState.SUCCEEDED
+) -> SampleRequest:
     wait_for(
         lambda: SampleRequest.objects.get(pk=request.pk).state == state,
         timeout,
@@ -40,11 +42,12 @@ def wait_request(request: SampleRequest, cluster, timeout: float = 60, state: st
 
 
 def assert_exactly_once(request: SampleRequest) -> None:
-    """Every image of the request exists once, as a row and as a file, and no other file exists."""
+    """Every image of the request exists once, as a row and as a file, and no other file of it exists."""
     images = list(SampleImage.objects.filter(request=request))
     assert sorted(i.index for i in images) == list(range(request.count))
     media = Path(settings.MEDIA_ROOT)
-    on_disk = sorted(p.relative_to(media).as_posix() for p in (media / "samples").rglob("*") if p.is_file())
+    folder = media / "samples" / f"persona-{request.persona_id}"
+    on_disk = sorted(p.relative_to(media).as_posix() for p in folder.glob(f"r{request.pk}-*"))
     assert on_disk == sorted(i.image.name for i in images), "no orphan or half-written file"
 
 
@@ -67,11 +70,29 @@ def pid_alive(pid: int) -> bool:
 
 def running_attempt(request: SampleRequest, cluster) -> Assignment:
     return wait_for(
-        lambda: Assignment.objects.filter(request=request, state=AssignmentState.RUNNING).select_related("device").first(),
+        lambda: (
+            Assignment.objects.filter(request=request, state=AssignmentState.RUNNING).select_related("device").first()
+        ),
         30,
         lambda: f"an attempt of request {request.pk} to start\n{cluster.logs()}",
         interval=0.05,
     )
+
+
+def first_attempt_on(target: str, other: str, persona, cluster, count: int = 1) -> tuple[SampleRequest, Assignment]:
+    """Submit a request whose first attempt runs on `target`: `other` is kept too hot until then."""
+    simulated.set_faults(other, over_temperature=True)
+    wait_for(lambda: Device.objects.get(uuid=other).health == Health.UNHEALTHY, 10, "the other device to be excluded")
+    request = sample_request_submit(persona=persona, count=count).request
+    attempt = wait_for(
+        lambda: Assignment.objects.filter(request=request, started_at__isnull=False).select_related("device").first(),
+        30,
+        lambda: f"the first attempt to start\n{cluster.logs()}",
+        interval=0.05,
+    )
+    simulated.set_faults(other, over_temperature=None)
+    assert attempt.device.uuid == target
+    return request, attempt
 
 
 # --- 1. a worker dies mid-job ---------------------------------------------------------------
@@ -113,8 +134,9 @@ def test_gpuworkers_restarts_a_worker_whatever_its_exit_code(cluster):
         old_pid = Device.objects.get(pk=device.pk).worker_pid
         os.kill(old_pid, sig)
         wait_for(
-            lambda old=old_pid: (d := Device.objects.get(pk=device.pk)).worker_pid not in (None, old)
-            and d.worker_state == "idle",
+            lambda old=old_pid: (
+                (d := Device.objects.get(pk=device.pk)).worker_pid not in (None, old) and d.worker_state == "idle"
+            ),
             30,
             lambda: f"a new worker after {sig.name}\n{cluster.logs()}",
         )
@@ -168,7 +190,9 @@ def test_attempt_frozen_while_its_retry_runs_keeps_only_one_set_of_images(cluste
     ],
     ids=["lost", "nvml-error", "over-temperature"],
 )
-def test_bad_device_is_marked_unhealthy_within_one_interval_and_recovers_after_a_canary(cluster, persona, fault, reason):
+def test_bad_device_is_marked_unhealthy_within_one_interval_and_recovers_after_a_canary(
+    cluster, persona, fault, reason
+):
     cluster.configure(GPU_MONITOR_INTERVAL="1")
     cluster.start_monitor()
     cluster.start_workers(expect=2)
@@ -191,7 +215,9 @@ def test_bad_device_is_marked_unhealthy_within_one_interval_and_recovers_after_a
     assert "unhealthy" in out and reason in out
 
     simulated.clear_faults(bad.uuid)
-    wait_for(lambda: Device.objects.get(pk=bad.pk).health == Health.HEALTHY, 20, lambda: f"re-admission\n{cluster.logs()}")
+    wait_for(
+        lambda: Device.objects.get(pk=bad.pk).health == Health.HEALTHY, 20, lambda: f"re-admission\n{cluster.logs()}"
+    )
     canary = Assignment.objects.filter(kind=AssignmentKind.CANARY, device=bad).latest("id")
     assert canary.state == AssignmentState.SUCCEEDED
     assert "canary job passed" in Device.objects.get(pk=bad.pk).health_reason
@@ -252,8 +278,8 @@ def test_out_of_memory_at_one_image_moves_the_work_to_a_device_with_room(cluster
     simulated.set_faults(small, oom_above_batch=0)  # not even one image fits
     for uuid in (small, large):
         cluster.start_worker(uuid)
-    # Both idle and equal: balanced placement takes the lower id, the small device, first.
-    request = wait_request(sample_request_submit(persona=persona, count=1).request, cluster)
+    request, _ = first_attempt_on(small, large, persona, cluster)
+    request = wait_request(request, cluster)
     attempts = list(Assignment.objects.filter(request=request).order_by("attempt").select_related("device"))
     assert [a.state for a in attempts] == [AssignmentState.RETRIED, AssignmentState.SUCCEEDED]
     assert attempts[0].device.uuid == small and "OutOfMemory" in attempts[0].error
@@ -269,14 +295,16 @@ def test_job_hung_in_python_times_out_and_is_retried_elsewhere(cluster, persona)
     stuck, fine = sim_uuids()
     simulated.set_faults(stuck, hang_seconds=600)
     workers = {uuid: cluster.start_worker(uuid) for uuid in (stuck, fine)}
-    request = sample_request_submit(persona=persona, count=1).request
+    request, _ = first_attempt_on(stuck, fine, persona, cluster)
     request = wait_request(request, cluster, timeout=60)
     attempts = list(Assignment.objects.filter(request=request).order_by("attempt").select_related("device"))
     assert attempts[0].device.uuid == stuck and attempts[0].state == AssignmentState.RETRIED
     assert "JobTimeoutException" in attempts[0].error
     assert attempts[-1].device.uuid == fine and attempts[-1].state == AssignmentState.SUCCEEDED
     # The device is released: the same worker process is idle again, ready for work.
-    wait_for(lambda: Device.objects.get(uuid=stuck).worker_state in ("idle", "paused"), 10, "the hung worker to be idle")
+    wait_for(
+        lambda: Device.objects.get(uuid=stuck).worker_state in ("idle", "paused"), 10, "the hung worker to be idle"
+    )
     assert workers[stuck].poll() is None
     assert_exactly_once(request)
 
@@ -289,9 +317,7 @@ def test_job_hung_in_native_code_is_killed_by_the_watchdog_and_rerun(cluster, pe
     cluster.start_workers(expect=2)
     stuck_device = Device.objects.get(uuid=stuck)
     first_pid = stuck_device.worker_pid
-    request = sample_request_submit(persona=persona, count=1, device=None).request
-    attempt = running_attempt(request, cluster)
-    assert attempt.device.uuid == stuck
+    request, _ = first_attempt_on(stuck, fine, persona, cluster)
     request = wait_request(request, cluster, timeout=60)
     attempts = list(Assignment.objects.filter(request=request).order_by("attempt").select_related("device"))
     assert attempts[0].state == AssignmentState.ABANDONED and "deadline" in attempts[0].error
@@ -330,7 +356,9 @@ def test_admin_button_with_redis_down_saves_the_request_and_the_reconciler_queue
     cluster.start_monitor()
     cluster.start_workers(expect=2)
     private_redis.stop()
-    response = admin_client.post(reverse("admin:personas_persona_generate", args=[persona.pk]), {"count": "2"}, follow=True)
+    response = admin_client.post(
+        reverse("admin:personas_persona_generate", args=[persona.pk]), {"count": "2"}, follow=True
+    )
     assert response.status_code == 200
     text = response.content.decode()
     assert "Redis is unavailable right now" in text

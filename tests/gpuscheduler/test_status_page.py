@@ -4,10 +4,12 @@ import itertools
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import connection
+from django.templatetags.static import static
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -131,7 +133,9 @@ def test_staff_with_the_permission_and_superusers_see_page_and_json(
         page = client.get(reverse(PAGE))
         assert page.status_code == 200
         assert "admin/base_site.html" in [t.name for t in page.templates]
-        assert '<div class="breadcrumbs">' in page.content.decode()
+        html = page.content.decode()
+        assert '<div class="breadcrumbs">' in html
+        assert f'<a href="{reverse("admin:app_list", args=["gpuscheduler"])}">' in html
         assert client.get(reverse(DATA)).json()["devices"][0]["name"] == "H100"
 
 
@@ -281,6 +285,7 @@ def test_assignments_table_filters_by_device_and_state(
     assert ids(state="failed") == {a_failed.pk}
     assert ids(device=second.pk, state="succeeded") == {b_ok.pk}
     assert ids(device="nonsense", state="nonsense") == ids()
+    assert ids(device="²", state="") == ids()  # a digit to isdigit(), not to int()
 
     html = operator_client.get(reverse(PAGE), {"device": first.pk, "state": "failed"}).content.decode()
     assert f'class="assignment state-failed" data-assignment="{a_failed.pk}"' in html
@@ -319,6 +324,17 @@ def test_page_renders_a_card_and_a_chart_for_every_device(
     assert len(data["devices"]) == len(devices)
     assert data["html"]["cards"].count('<svg class="gpu-chart"') == len(devices)
     assert set(data["html"]) == {"cards", "queues", "assignments"}
+
+
+def test_page_ships_its_refresh_script_and_the_places_it_fills(operator_client: Any) -> None:
+    html = operator_client.get(reverse(PAGE)).content.decode()
+
+    assert f'data-url="{reverse(DATA)}"' in html
+    assert f'<script src="{static("gpuscheduler/status.js")}" defer>' in html
+    for target in ("gpu-cards", "gpu-queues", "gpu-assignments"):
+        assert f'id="{target}"' in html
+    script = (Path(__file__).resolve().parents[2] / "gpuscheduler/static/gpuscheduler/status.js").read_text()
+    assert "fragments" in script and "innerHTML" in script
 
 
 def test_page_without_devices_says_how_to_register_them(operator_client: Any) -> None:

@@ -22,7 +22,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true", help="Take one reading of every device and exit.")
-        parser.add_argument("--interval", type=float, default=None, help="Seconds between readings (GPU_MONITOR_INTERVAL).")
+        parser.add_argument(
+            "--interval", type=float, default=None, help="Seconds between readings (GPU_MONITOR_INTERVAL)."
+        )
 
     def handle(self, *args: Any, once: bool, interval: float | None, **options: Any) -> None:
         config = gpu_config()

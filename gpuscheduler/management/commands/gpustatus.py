@@ -28,7 +28,10 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("No device is registered yet: start `python manage.py gpumonitor` or `gpuworkers`.")
             return
-        header = f"{'DEVICE':<18} {'UUID':<9} {'HEALTH':<10} {'MEMORY':>15} {'UTIL':>5} {'TEMP':>5} {'POWER':>6} {'WORKER':<16} JOB"
+        header = (
+            f"{'DEVICE':<18} {'UUID':<9} {'HEALTH':<10} {'MEMORY':>15} {'UTIL':>5} {'TEMP':>5} {'POWER':>6} "
+            f"{'WORKER':<16} JOB"
+        )
         self.stdout.write(header)
         for row in rows:
             snap = row["snapshot"] or {}

@@ -15,7 +15,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--device", required=True, help="The device: its UUID (or a unique prefix), NVML index, or 'cpu'.")
+        parser.add_argument(
+            "--device", required=True, help="The device: its UUID (or a unique prefix), NVML index, or 'cpu'."
+        )
         parser.add_argument("--burst", action="store_true", help="Exit when there is no more work.")
 
     def handle(self, *args: Any, device: str, burst: bool, **options: Any) -> None:

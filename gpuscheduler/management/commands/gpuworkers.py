@@ -15,7 +15,9 @@ class Command(BaseCommand):
     help = "Start one gpuworker per device the backend reports and restart any that exits."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--burst", action="store_true", help="Workers exit when there is no more work; so does this.")
+        parser.add_argument(
+            "--burst", action="store_true", help="Workers exit when there is no more work; so does this."
+        )
 
     def handle(self, *args: Any, burst: bool, **options: Any) -> None:
         try:

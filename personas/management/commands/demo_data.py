@@ -14,7 +14,10 @@ DEMO_PERSONAS = [
         "name": "Ada Lovelace",
         "slug": "ada-lovelace",
         "description": "A Victorian mathematician who explains algorithms with warmth and precision.",
-        "appearance_prompt": "portrait of a Victorian woman mathematician, dark hair in a bun, lace collar, soft window light, oil painting",
+        "appearance_prompt": (
+            "portrait of a Victorian woman mathematician, dark hair in a bun, lace collar, "
+            "soft window light, oil painting"
+        ),
         "negative_prompt": "blurry, deformed hands, text, watermark",
         "base_seed": 1815,
     },
@@ -68,4 +71,6 @@ class Command(BaseCommand):
         elif len(password) < 8:
             raise CommandError("DEMO_ADMIN_PASSWORD must be at least 8 characters long.")
         User.objects.create_superuser(username=username, email="", password=password)
-        self.stdout.write(f"Admin login: username {username!r}, password {password!r}" + (" (generated)" if generated else ""))
+        self.stdout.write(
+            f"Admin login: username {username!r}, password {password!r}" + (" (generated)" if generated else "")
+        )

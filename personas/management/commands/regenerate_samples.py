@@ -21,15 +21,21 @@ class Command(BaseCommand):
     help = "Generate sample images for personas in bulk: through the GPU workers, or in this process with --sync."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--persona", action="append", default=[], metavar="ID_OR_SLUG", help="A persona (repeatable).")
+        parser.add_argument(
+            "--persona", action="append", default=[], metavar="ID_OR_SLUG", help="A persona (repeatable)."
+        )
         parser.add_argument("--all", action="store_true", help="Every persona.")
         parser.add_argument("--count", default=None, help="Images per persona (default: each persona's own count).")
         parser.add_argument("--device", default=None, help="Run on this device only: UUID, NVML index or 'cpu'.")
-        parser.add_argument("--wait", action="store_true", help="Block until every job ends; show progress and a summary.")
+        parser.add_argument(
+            "--wait", action="store_true", help="Block until every job ends; show progress and a summary."
+        )
         parser.add_argument("--sync", action="store_true", help="Generate in this process: no Redis or workers needed.")
         parser.add_argument("--dry-run", action="store_true", help="Show where the images would go; change nothing.")
         parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout.")
-        parser.add_argument("--timeout", type=float, default=3600.0, help="With --wait: give up after this many seconds.")
+        parser.add_argument(
+            "--timeout", type=float, default=3600.0, help="With --wait: give up after this many seconds."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         started = time.monotonic()
@@ -49,7 +55,9 @@ class Command(BaseCommand):
         if options["device"]:
             device = device_resolve(options["device"])
             if device is None:
-                raise CommandError(f"Unknown device {options['device']!r}: see `python manage.py gpustatus` for the devices.")
+                raise CommandError(
+                    f"Unknown device {options['device']!r}: see `python manage.py gpustatus` for the devices."
+                )
         try:
             queues.redis_connection().ping()
         except queues.REDIS_ERRORS as exc:
@@ -73,7 +81,9 @@ class Command(BaseCommand):
             if not options["json"]:
                 self.stdout.write(f"queued {submitted.summary()}")
         if options["wait"]:
-            report = requests_wait(requests, timeout=options["timeout"], stderr=self.stderr, progress=not options["json"])
+            report = requests_wait(
+                requests, timeout=options["timeout"], stderr=self.stderr, progress=not options["json"]
+            )
         else:
             report = WaitReport.from_requests(requests, finished=False)
         report.skipped = skipped
@@ -85,7 +95,9 @@ class Command(BaseCommand):
         if everyone:
             personas = list(Persona.objects.order_by("pk"))
             if not personas:
-                raise CommandError("There are no personas. Create some in the admin or run `python manage.py demo_data`.")
+                raise CommandError(
+                    "There are no personas. Create some in the admin or run `python manage.py demo_data`."
+                )
             return personas
         if not values:
             raise CommandError("Name the personas with --persona ID_OR_SLUG (repeatable), or use --all.")
@@ -93,13 +105,15 @@ class Command(BaseCommand):
         for value in values:
             text = value.strip()
             persona = None
-            if text.isdigit() and len(text) < 19:
+            if text.isascii() and text.isdigit() and len(text) < 19:
                 persona = Persona.objects.filter(pk=int(text)).first()
             if persona is None:
                 persona = Persona.objects.filter(slug=text).first()
             if persona is None:
                 shown = text if text.isprintable() and len(text) <= 80 else repr(text[:80])
-                raise CommandError(f"Unknown persona {shown}: give a persona id or slug (see the admin's persona list).")
+                raise CommandError(
+                    f"Unknown persona {shown}: give a persona id or slug (see the admin's persona list)."
+                )
             if persona not in personas:
                 personas.append(persona)
         return personas
@@ -131,7 +145,12 @@ class Command(BaseCommand):
                     )
                     for a in assignments_place(request_id=request.pk, count=counts[persona.pk], pinned_device=device):
                         plan.append(
-                            {"persona": persona.slug, "images": a.image_count, "device": a.planned_device.uuid, "reason": a.reason}
+                            {
+                                "persona": persona.slug,
+                                "images": a.image_count,
+                                "device": a.planned_device.uuid,
+                                "reason": a.reason,
+                            }
                         )
                 transaction.set_rollback(True)
         except NoDeviceAvailable as exc:
