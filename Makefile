@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint bench-status bench-soak bench-faults bench-gpu clean
+.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy config gpuscheduler personas
+
+# Benchmarks (not tests): each prints a table and, where there is a baseline, the ratio.
+bench: bench-status bench-throughput bench-soak bench-faults
+
+bench-status: $(STAMP)
+	$(PY) bench/bench_status_page.py
+
+bench-throughput: $(STAMP)
+	$(PY) bench/bench_throughput.py
+
+bench-soak: $(STAMP)
+	$(PY) bench/bench_soak.py
+
+bench-faults: $(STAMP)
+	$(PY) bench/bench_faults.py
 
 clean:
 	rm -rf $(VENV) var/test
