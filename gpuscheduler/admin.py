@@ -12,7 +12,7 @@ from django.utils.html import format_html
 
 from gpuscheduler.models import Assignment, AssignmentState, Device, GpuStatusPage
 from gpuscheduler.status import status_page
-from gpuscheduler.views import staff_view
+from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
 
 STATUS_PERMISSION = "gpuscheduler.view_gpu_status"
 STATUS_TEMPLATE = "admin/gpuscheduler/gpustatuspage/status.html"
@@ -25,7 +25,7 @@ STATUS_FRAGMENTS = {
 REFRESH_SECONDS = 5
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(OutOfRangeLookupMixin):
     """The scheduler writes these rows; people only read them."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -89,20 +89,11 @@ class AssignmentAdmin(ReadOnlyAdmin):
 
 
 @admin.register(GpuStatusPage)
-class GpuStatusAdmin(admin.ModelAdmin):
+class GpuStatusAdmin(ReadOnlyAdmin):
     """The GPU status page: no table, a page of its own behind its own permission (the django-rq way)."""
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(STATUS_PERMISSION)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_urls(self) -> list[Any]:
         # Only the page and its data: the default add/change/history views would query a table

@@ -101,6 +101,8 @@ def placement_sequence() -> int:
 def device_resolve(text: str, *, host: str | None = None) -> Device | None:
     """Find a device by database id, UUID (or its prefix), NVML index on this host, or 'cpu'."""
     text = text.strip()
+    if not text or not text.isprintable() or len(text) > 96:
+        return None  # no device has such a name (and PostgreSQL refuses NUL in a query)
     host = host or gpu_config()["HOST"]
     here = Device.objects.filter(host=host)
     if text.lower() == "cpu":

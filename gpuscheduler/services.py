@@ -36,6 +36,9 @@ from gpuscheduler.selectors import device_views, limits, placement_sequence
 log = logging.getLogger(__name__)
 
 
+REGISTERED = "registered, not read yet"
+
+
 class NoDeviceAvailable(Exception):
     """No device may take work now; the message says which and why."""
 
@@ -58,7 +61,7 @@ def device_upsert(*, info: DeviceInfo, host: str) -> Device:
         "speed": info.speed,
     }
     device, created = Device.objects.get_or_create(
-        host=host, uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": "registered"}
+        host=host, uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": REGISTERED}
     )
     changed = {k: v for k, v in fields.items() if getattr(device, k) != v}
     if changed and not created:
@@ -89,6 +92,8 @@ def device_health_update(*, device: Device, admission: Admission, now: datetime 
     health, reason = current
     if not admission.ok:
         new, new_reason = Health.UNHEALTHY, admission.reason
+    elif health == Health.HEALTHY and reason == REGISTERED:
+        new, new_reason = Health.HEALTHY, f"readings within limits since {now:%H:%M:%S}"
     elif health == Health.UNHEALTHY:
         new, new_reason = (
             Health.PROBATION,

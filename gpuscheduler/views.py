@@ -6,10 +6,11 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.contrib import admin
 from django.contrib.admin import AdminSite
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.http.response import HttpResponseBase
 from django.urls import reverse
 
@@ -33,3 +34,18 @@ def staff_view(site: AdminSite, view: Callable[..., HttpResponseBase]) -> Callab
         return protected(request, *args, **kwargs)
 
     return inner
+
+
+class OutOfRangeLookupMixin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """A changelist URL with an integer too large for the database answers like any bad lookup.
+
+    Django turns unknown URL parameters into lookups (`?device=123`); a 30-digit id reaches
+    SQLite as an integer it cannot hold and raised OverflowError, a 500. Answer as the admin
+    does for other bad lookups: back to the list with `?e=1` ("Database error" banner).
+    """
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        try:
+            return super().changelist_view(request, extra_context)
+        except OverflowError:
+            return HttpResponseRedirect(f"{request.path}?e=1")

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_POST
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.services import NoDeviceAvailable
-from gpuscheduler.views import staff_view
+from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
 from personas.forms import GenerateSamplesForm
 from personas.models import Persona, RequestSource, RequestState, SampleImage, SampleRequest
 from personas.selectors import persona_gallery, persona_latest_request, request_progress
@@ -70,7 +70,7 @@ class ActiveRequestFilter(admin.SimpleListFilter):
 
 
 @admin.register(Persona)
-class PersonaAdmin(admin.ModelAdmin):
+class PersonaAdmin(OutOfRangeLookupMixin):
     list_display = ["name", "slug", "default_sample_count", "image_total", "updated"]
     list_filter = [ActiveRequestFilter, "created", "updated"]
     search_fields = ["name", "slug", "description", "appearance_prompt"]
@@ -257,7 +257,7 @@ class PersonaAdmin(admin.ModelAdmin):
 
 
 @admin.register(SampleRequest)
-class SampleRequestAdmin(admin.ModelAdmin):
+class SampleRequestAdmin(OutOfRangeLookupMixin):
     list_display = [
         "id",
         "persona_link",

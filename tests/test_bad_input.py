@@ -106,6 +106,8 @@ def make_one_image(persona: Persona, device) -> None:
 
 @FAST
 @given(persona_arg=TEXT, count=st.one_of(st.none(), COUNTS), device=st.one_of(st.none(), TEXT))
+@example(persona_arg="a\x00b", count=None, device="x\x00y")
+@example(persona_arg="¹", count="²", device="³")
 def test_regenerate_samples_turns_hostile_options_into_command_errors(
     persona, device_factory, persona_arg, count, device
 ):
@@ -126,3 +128,19 @@ def test_regenerate_samples_turns_hostile_options_into_command_errors(
 def test_regenerate_samples_count_errors_say_what_is_allowed(persona, value):
     with pytest.raises(CommandError, match="from 1 to 16"):
         call_command("regenerate_samples", "--persona", persona.slug, "--count", value, "--dry-run")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/personas/persona/",
+        "/admin/personas/samplerequest/",
+        "/admin/gpuscheduler/assignment/",
+        "/admin/gpuscheduler/device/",
+        "/admin/gpuscheduler/gpustatuspage/",
+    ],
+)
+@pytest.mark.parametrize("value", ["%00", "a%00b", "..%2F..%2Fetc", "%E2%80%AEgnp", "9" * 30])
+def test_admin_lists_answer_hostile_search_and_filters_without_a_500(admin_client, persona, url, value):
+    response = admin_client.get(f"{url}?q={value}&device={value}&state={value}")
+    assert response.status_code in (200, 302)

@@ -107,7 +107,9 @@ class Command(BaseCommand):
             persona = None
             if text.isascii() and text.isdigit() and len(text) < 19:
                 persona = Persona.objects.filter(pk=int(text)).first()
-            if persona is None:
+            # Slugs are short and printable: anything else names no persona (and PostgreSQL
+            # would refuse a NUL in the query).
+            if persona is None and text.isprintable() and len(text) <= 80:
                 persona = Persona.objects.filter(slug=text).first()
             if persona is None:
                 shown = text if text.isprintable() and len(text) <= 80 else repr(text[:80])
