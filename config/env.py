@@ -135,7 +135,10 @@ def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
             "OPTIONS": options,
-            "CONN_MAX_AGE": 0,
+            # Workers touch the database every second: keep their connection (checked before
+            # reuse) instead of opening a new PostgreSQL backend each time.
+            "CONN_MAX_AGE": 60,
+            "CONN_HEALTH_CHECKS": True,
         }
     raise ImproperlyConfigured(
         f"DATABASE_URL has the unsupported scheme {scheme!r}: use sqlite:///PATH or postgresql://USER@HOST/DB."

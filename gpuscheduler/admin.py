@@ -78,7 +78,7 @@ class AssignmentAdmin(ReadOnlyAdmin):
 
     @admin.display(description="Images")
     def images(self, obj: Assignment) -> str:
-        return f"{obj.first_index + 1}-{obj.last_index + 1}" if obj.image_count > 1 else str(obj.first_index + 1)
+        return obj.images_label
 
     @admin.display(description="Request")
     def request_link(self, obj: Assignment) -> str:

@@ -43,6 +43,8 @@ class Reading:
     temperature: float | None = None
     power_watts: float | None = None
     throttle_reasons: tuple[str, ...] = field(default_factory=tuple)
+    # (pid, bytes) of each process holding device memory, where the backend can tell.
+    process_memory: tuple[tuple[int, int], ...] = field(default_factory=tuple)
 
 
 class Backend(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -40,3 +41,8 @@ def gpu_config() -> dict[str, Any]:
 
 def samples_config() -> dict[str, Any]:
     return {**SAMPLES_DEFAULTS, **getattr(settings, "SAMPLES", {})}
+
+
+def lease() -> timedelta:
+    """How long an attempt, or a worker's hold on its device, lives without a heartbeat."""
+    return timedelta(seconds=float(gpu_config()["LEASE_SECONDS"]))

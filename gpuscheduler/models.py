@@ -111,6 +111,10 @@ class AssignmentState(models.TextChoices):
 LIVE_STATES = (AssignmentState.QUEUED, AssignmentState.RUNNING)
 
 
+def images_label(first_index: int, count: int) -> str:
+    return f"image {first_index + 1}" if count == 1 else f"images {first_index + 1}-{first_index + count}"
+
+
 class Assignment(models.Model):
     """One attempt at one chunk of a request's images: where it was placed, where it ran, how it ended.
 
@@ -173,12 +177,13 @@ class Assignment(models.Model):
         return f"{self.job_id} ({self.get_state_display()})"
 
     @property
-    def is_live(self) -> bool:
-        return self.state in LIVE_STATES
-
-    @property
     def last_index(self) -> int:
         return self.first_index + self.image_count - 1
+
+    @property
+    def images_label(self) -> str:
+        """Which images of its request, counted from 1: "images 1-4" or "image 3"."""
+        return images_label(self.first_index, self.image_count)
 
 
 class GpuStatusPage(models.Model):

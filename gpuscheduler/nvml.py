@@ -123,8 +123,14 @@ class NvmlBackend:
                 nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None
             )
             mask = self._optional(lambda: int(reasons(handle))) if reasons else None
+            processes = getattr(nv, "nvmlDeviceGetComputeRunningProcesses", None)
+            running = (self._optional(lambda: list(processes(handle))) if processes else None) or []
         except nv.NVMLError as exc:
             return Reading(uuid=info.uuid, ok=False, error=f"{type(exc).__name__}: {exc}")
+        # usedGpuMemory is None where the driver cannot tell (some virtualized setups).
+        process_memory = tuple(
+            (int(p.pid), int(p.usedGpuMemory)) for p in running if getattr(p, "usedGpuMemory", None) is not None
+        )
         return Reading(
             uuid=info.uuid,
             ok=True,
@@ -134,6 +140,7 @@ class NvmlBackend:
             temperature=temperature,
             power_watts=power,
             throttle_reasons=decode_throttle_reasons(mask) if mask else (),
+            process_memory=process_memory,
         )
 
     def _optional(self, read: Callable[[], T]) -> T | None:

@@ -211,6 +211,11 @@ def plan_pinned(count: int, device: DeviceView, *, max_batch: int, reason: str) 
     return chunks
 
 
+# A device that is out of service for heat takes work again only this many degrees below the
+# limit: a GPU hovering at the limit would otherwise flap in and out, with a canary each time.
+TEMPERATURE_HYSTERESIS = 5.0
+
+
 def admit(
     *,
     ok: bool,
@@ -219,13 +224,20 @@ def admit(
     memory_total: int | None,
     temperature: float | None,
     limits: Limits,
+    recovering: bool = False,
 ) -> Admission:
-    """May a device take new work, judging by one reading?"""
+    """May a device take new work, judging by one reading? (`recovering`: it is not healthy now.)"""
     if not ok:
         return Admission(False, f"NVML error: {error}" if error else "NVML did not answer")
     if temperature is not None and temperature >= limits.max_temperature:
         return Admission(
             False, f"temperature {temperature:.0f} C is at or above the {limits.max_temperature:.0f} C limit"
+        )
+    if recovering and temperature is not None and temperature >= limits.max_temperature - TEMPERATURE_HYSTERESIS:
+        return Admission(
+            False,
+            f"temperature {temperature:.0f} C: cooling down to {limits.max_temperature - TEMPERATURE_HYSTERESIS:.0f} C "
+            "before it takes work again",
         )
     if memory_used is not None and memory_total:
         free = memory_total - memory_used

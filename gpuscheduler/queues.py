@@ -26,7 +26,9 @@ from gpuscheduler.models import Assignment, AssignmentKind
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Any Redis failure (down, timing out, out of memory, a read-only replica) means "not now": the
+# database rows stay as they are and the reconciler retries.
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 JOB_FUNCTIONS = {AssignmentKind.SAMPLES: "personas.jobs.generate_samples"}
 

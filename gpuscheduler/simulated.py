@@ -150,13 +150,14 @@ def busy(uuid: str, images: int) -> Iterator[None]:
         _update(uuid, stop)
 
 
-def reset_load(uuid: str) -> None:
-    """Forget the load of a worker that died (the kernel freed its memory)."""
+def reset_load(uuid: str, owner_pid: int | None = None) -> None:
+    """Forget the load of a worker that died (the kernel freed its memory); note the new owner."""
 
     def change(entry: dict[str, Any], now: float) -> None:
         entry["busy"] = 0
         entry["active_bytes"] = 0
         entry["model_bytes"] = 0
+        entry["owner_pid"] = owner_pid
 
     _update(uuid, change)
 
@@ -199,6 +200,8 @@ class SimulatedBackend:
         temperature = OVER_C if switches.get("over_temperature") else _temperature(entry, now)
         used = BASE_MEMORY + int(entry.get("model_bytes", 0)) + int(entry.get("active_bytes", 0))
         utilization = min(100.0, 92.0 + 2.0 * entry.get("busy", 0)) if running else 0.0
+        owner = entry.get("owner_pid")
+        own_bytes = int(entry.get("model_bytes", 0)) + int(entry.get("active_bytes", 0))
         reasons: tuple[str, ...] = ()
         if switches.get("over_temperature"):
             reasons = ("sw_thermal", "hw_thermal")
@@ -213,4 +216,5 @@ class SimulatedBackend:
             temperature=round(temperature, 1),
             power_watts=round(60.0 + 290.0 * utilization / 100.0 * info.speed, 1),
             throttle_reasons=reasons,
+            process_memory=((int(owner), own_bytes),) if owner else (),
         )

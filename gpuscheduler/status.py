@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from gpuscheduler.conf import gpu_config
-from gpuscheduler.models import Assignment, AssignmentState
+from gpuscheduler.models import Assignment, AssignmentState, images_label
 from gpuscheduler.queues import device_queue_name, queue_depths
 from gpuscheduler.selectors import assignments_between, assignments_recent, device_status, snapshot_history
 
@@ -102,10 +102,6 @@ def line_paths(points: Sequence[Point], *, window: float, width: float = CHART_W
     }
 
 
-def _images_text(first_index: int, count: int) -> str:
-    return f"image {first_index + 1}" if count == 1 else f"images {first_index + 1}-{first_index + count}"
-
-
 PERSONA_PLACEHOLDER = "0000000"
 
 
@@ -141,7 +137,7 @@ def job_spans(
         span_width = min(max((end - start).total_seconds() / window * width, 1.5), width)
         persona_id = a["request__persona_id"]
         name = a["request__persona__name"] if persona_id is not None else "(canary)"
-        images = _images_text(a["first_index"], a["image_count"])
+        images = images_label(a["first_index"], a["image_count"])
         label = f"{name} x{a['image_count']}"
         spans.append(
             {
@@ -248,7 +244,7 @@ def _assignment_row(a: Assignment, now: datetime, pattern: str) -> dict[str, Any
         "persona_id": persona_id,
         "persona_url": url,
         "request": a.request_id,
-        "images": _images_text(a.first_index, a.image_count),
+        "images": a.images_label,
         "image_count": a.image_count,
         "attempt": a.attempt,
         "state": a.state,

@@ -1,4 +1,5 @@
-"""The watchdog child of a gpuworker: `python -m gpuscheduler.watchdog <worker pid>`.
+"""The watchdog of a gpuworker: the Watchdog class the worker holds, and the child process it
+starts, `python -m gpuscheduler.watchdog <worker pid>`.
 
 It reads lines from its stdin, a pipe from the worker: ``deadline <unix time>`` arms it,
 ``clear`` disarms it. If an armed deadline passes it SIGKILLs the worker: a job stuck in native
@@ -10,11 +11,51 @@ the worker. It imports nothing of Django or torch and costs a few megabytes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Watchdog:
+    """A child process that SIGKILLs this worker if a job outlives its deadline."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gpuscheduler.watchdog", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            cwd=str(ROOT),
+        )
+
+    def arm(self, seconds: float) -> None:
+        self._send(f"deadline {time.time() + seconds + self.grace:.3f}\n")
+
+    def disarm(self) -> None:
+        self._send("clear\n")
+
+    def _send(self, line: str) -> None:
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(line.encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            log.error("the watchdog process is gone; native hangs will not be caught")
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        with contextlib.suppress(Exception):
+            self.process.wait(timeout=5)
 
 
 def main(argv: list[str]) -> int:

@@ -26,43 +26,39 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import redis
-from django.conf import settings
 from django.db import close_old_connections, connection
-from django.utils import timezone
 from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 
-from gpuscheduler import queues
+from gpuscheduler import assignments, queues
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
-from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.conf import gpu_config, lease, samples_config
 from gpuscheduler.models import (
     Assignment,
-    AssignmentKind,
     AssignmentState,
     Device,
     Health,
     WorkerState,
 )
+from gpuscheduler.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 DEQUEUE_POLL_SECONDS = 1  # the longest a worker blocks on Redis before it looks at its device again
 QUEUE_REFRESH_SECONDS = 10.0
 RECOVERY_SECONDS = 2.0
+CANARY_FIRST_PAUSE, CANARY_MAX_PAUSE = 5.0, 300.0
 
 
 @dataclass
@@ -77,21 +73,36 @@ class WorkerContext:
     assignment_id: int | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     watchdog: Watchdog | None = None
+    _switch: threading.Lock = field(default_factory=threading.Lock)
 
     def alive(self) -> bool:
         return not self.lost.is_set()
 
+    def mark_lost(self, assignment_id: int) -> None:
+        """The heartbeat found `assignment_id` abandoned: stop it, unless it already ended (the
+        heartbeat may have read the id just before the job finished and the next one began)."""
+        with self._switch:
+            if self.assignment_id == assignment_id and not self.lost.is_set():
+                log.warning("assignment %s was abandoned by the reconciler; stopping its work", assignment_id)
+                self.lost.set()
+
     @contextlib.contextmanager
-    def running(self, assignment: Assignment) -> Iterator[None]:
+    def running(self, assignment: Assignment, *, report: bool = True) -> Iterator[None]:
         """Mark an attempt as this worker's current one while its body runs."""
-        self.assignment_id = assignment.pk
-        self.lost.clear()
-        scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.BUSY, assignment_id=assignment.pk)
+        with self._switch:
+            self.assignment_id = assignment.pk
+            self.lost.clear()
+        if report:
+            scheduler.worker_beat(
+                device=self.device, name=self.name, state=WorkerState.BUSY, assignment_id=assignment.pk
+            )
         try:
             yield
         finally:
-            self.assignment_id = None
-            scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.IDLE)
+            with self._switch:
+                self.assignment_id = None
+            if report:
+                scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.IDLE)
 
 
 _context: WorkerContext | None = None
@@ -109,43 +120,6 @@ def current_context() -> WorkerContext:
             "a plain rqworker is not bound to a device."
         )
     return _context
-
-
-# --- watchdog -----------------------------------------------------------------------------------
-
-
-class Watchdog:
-    """A child process that SIGKILLs this worker if a job outlives its deadline."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpuscheduler.watchdog", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            close_fds=True,
-            cwd=str(settings.BASE_DIR),
-        )
-
-    def arm(self, seconds: float) -> None:
-        self._send(f"deadline {time.time() + seconds + self.grace:.3f}\n")
-
-    def disarm(self) -> None:
-        self._send("clear\n")
-
-    def _send(self, line: str) -> None:
-        try:
-            assert self.process.stdin is not None
-            self.process.stdin.write(line.encode())
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            log.error("the watchdog process is gone; native hangs will not be caught")
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-        with contextlib.suppress(Exception):
-            self.process.wait(timeout=5)
 
 
 # --- heartbeats -------------------------------------------------------------------------------
@@ -175,10 +149,8 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         context = self.context
         assignment_id = context.assignment_id
-        if assignment_id is not None and not scheduler.assignment_heartbeat(assignment_id=assignment_id):
-            if not context.lost.is_set():
-                log.warning("assignment %s was abandoned by the reconciler; stopping its work", assignment_id)
-            context.lost.set()
+        if assignment_id is not None and not assignments.assignment_heartbeat(assignment_id=assignment_id):
+            context.mark_lost(assignment_id)
         if self.worker is None:
             return  # a --sync run holds no worker slot and no rq registration
         state = WorkerState.BUSY if assignment_id else self.worker.idle_state
@@ -213,6 +185,8 @@ class GpuWorker(SimpleWorker):
         self.running: tuple[Job | None, Any] = (None, None)
         self._last_queue_refresh = 0.0
         self._last_recovery = 0.0
+        self._next_canary = 0.0
+        self._canary_pause = CANARY_FIRST_PAUSE
         self._soon_stop = False
         super().__init__(
             self._queue_names(),
@@ -290,7 +264,7 @@ class GpuWorker(SimpleWorker):
                 time.sleep(0.2)
 
     def _pop(self, queue_list: list[Queue], timeout: int | None) -> tuple[Job, Queue] | None:
-        return self.queue_class.dequeue_any(
+        result = self.queue_class.dequeue_any(
             queue_list,
             timeout,
             connection=self.connection,
@@ -298,33 +272,53 @@ class GpuWorker(SimpleWorker):
             serializer=self.serializer,
             death_penalty_class=self.death_penalty_class,
         )
+        if result is not None and len(queue_list) == 1:
+            # From one queue rq pops with LMOVE into an "intermediate" list and only clears it
+            # for workers that read a single queue; this one reads several. Left there, rq's
+            # maintenance would later report the job as failed.
+            job, queue = result
+            self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+        return result
 
     def work_remains(self) -> bool:
         """Burst mode: is there queued work this worker may run (now or once re-enqueued)?"""
-        waiting = Assignment.objects.filter(state=AssignmentState.QUEUED)
-        mine = waiting.filter(planned_device=self.context.device) | waiting.filter(pinned=False)
-        return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
+        return work_remains_for(self.context.device)
 
     def housekeeping(self) -> bool:
-        """Read the device, apply admission, refresh queues, recover; True if work may be taken."""
+        """Read the device, apply admission, refresh queues, recover; True if work may be taken.
+
+        A database or NVML error here is logged and the device counts as not admitted this
+        round: the worker must outlive a restarting database, not crash-loop on it.
+        """
+        try:
+            return self._housekeeping()
+        except Exception:
+            log.exception("housekeeping failed; taking no work this round")
+            close_old_connections()
+            return False
+
+    def _housekeeping(self) -> bool:
         close_old_connections()
         device = self.context.device
+        device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
         if self.context.backend is not None:
             reading = next((r for r in self.context.backend.read() if r.uuid == device.uuid), None)
             if reading is not None:
-                scheduler.device_health_update(device=device, admission=scheduler.reading_admission(reading))
-            else:
-                device.refresh_from_db(fields=["health", "health_reason"])
-        else:
-            device.refresh_from_db(fields=["health", "health_reason"])
-        if device.health == Health.PROBATION:
-            run_canary(self.context)
+                scheduler.device_health_update(device=device, admission=scheduler.reading_admission(reading, device))
         now = time.monotonic()
+        if device.health == Health.PROBATION and now >= self._next_canary:
+            if run_canary(self.context):
+                self._canary_pause = CANARY_FIRST_PAUSE
+            else:
+                # A device that keeps failing its canary (a model that will not load, a broken
+                # driver) is tried again less and less often, not every second.
+                self._next_canary = now + self._canary_pause
+                self._canary_pause = min(self._canary_pause * 2, CANARY_MAX_PAUSE)
         if now - self._last_queue_refresh > QUEUE_REFRESH_SECONDS:
             self.refresh_queues()
         if now - self._last_recovery > RECOVERY_SECONDS:
             self._last_recovery = now
-            scheduler.assignments_recover()
+            assignments.assignments_recover()
         admitted = device.health == Health.HEALTHY
         self.idle_state = WorkerState.IDLE if admitted else WorkerState.PAUSED
         return admitted
@@ -349,41 +343,42 @@ class GpuWorker(SimpleWorker):
 
 
 def run_canary(context: WorkerContext) -> bool:
-    """One small image on a device in probation; pass and it is healthy again, fail and it is not."""
+    """One small image on a device in probation; pass and it is healthy again, fail and it is not.
+
+    It runs like a job: its record's lease is kept by the heartbeat, and the watchdog ends it
+    if it hangs in native code.
+    """
     device = context.device
-    model = samples_config()["MODEL"]
-    now = timezone.now()
-    record = Assignment.objects.create(
-        kind=AssignmentKind.CANARY,
-        image_count=1,
-        job_id=f"canary-{uuid.uuid4().hex}",
-        queue_name="(in-process)",
-        planned_device=device,
-        device=device,
-        policy="probation",
-        reason=device.health_reason[:500],
-        worker_name=context.name,
-        host=context.host,
-        state=AssignmentState.RUNNING,
-        started_at=now,
-        heartbeat_at=now,
-        deadline_at=now + timedelta(seconds=float(samples_config()["JOB_TIMEOUT"])),
-    )
+    timeout = float(samples_config()["JOB_TIMEOUT"])
+    record = assignments.canary_start(device=device, worker_name=context.name, host=context.host, timeout=timeout)
     started = time.monotonic()
+    if context.watchdog is not None:
+        context.watchdog.arm(timeout)
     try:
-        context.generator.generate(model=model, prompt="canary", negative_prompt="", seeds=[0], steps=1, guidance=1.0)
+        with context.running(record, report=False):
+            context.generator.generate(
+                model=samples_config()["MODEL"], prompt="canary", negative_prompt="", seeds=[0], steps=1, guidance=1.0
+            )
     except Exception as exc:  # any failure keeps the device out of service
-        detail = f"{type(exc).__name__}: {exc}"
-        Assignment.objects.filter(pk=record.pk).update(
-            state=AssignmentState.FAILED, finished_at=timezone.now(), error=traceback.format_exc()[-5000:]
-        )
         context.generator.free_memory()
-        scheduler.device_probation_end(device=device, passed=False, detail=detail)
+        assignments.canary_finish(assignment_id=record.pk, passed=False, error=traceback.format_exc())
+        scheduler.device_probation_end(device=device, passed=False, detail=f"{type(exc).__name__}: {exc}")
         return False
+    finally:
+        if context.watchdog is not None:
+            context.watchdog.disarm()
     seconds = time.monotonic() - started
-    Assignment.objects.filter(pk=record.pk).update(state=AssignmentState.SUCCEEDED, finished_at=timezone.now(), calls=1)
+    if not assignments.canary_finish(assignment_id=record.pk, passed=True):
+        return False  # the reconciler gave it up (it ran past its lease): try again later
     scheduler.device_probation_end(device=device, passed=True, detail=f"1 image in {seconds:.2f} s")
     return True
+
+
+def work_remains_for(device: Device) -> bool:
+    """Is there queued work this device's worker may run (now, or once re-enqueued)?"""
+    waiting = Assignment.objects.filter(state=AssignmentState.QUEUED)
+    mine = waiting.filter(planned_device=device) | waiting.filter(pinned=False)
+    return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
 
 
 # --- starting a worker ----------------------------------------------------------------------------
@@ -427,7 +422,7 @@ def bind_process(info: DeviceInfo) -> None:
 
 def attach(device: Device, name: str, host: str) -> None:
     """Take the device's worker slot, waiting out the lease of a previous holder that died."""
-    deadline = time.monotonic() + float(gpu_config()["LEASE_SECONDS"]) + 2
+    deadline = time.monotonic() + lease().total_seconds() + 2
     while (why := scheduler.worker_attach(device=device, name=name, pid=os.getpid(), host=host)) is not None:
         if time.monotonic() > deadline:
             raise DeviceNotFound(f"{device.label} already has a live worker: {why}")
@@ -446,7 +441,7 @@ def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: b
     if info.kind == "simulated":
         from gpuscheduler import simulated
 
-        simulated.reset_load(info.uuid)  # whatever a dead predecessor reported is gone with it
+        simulated.reset_load(info.uuid, os.getpid())  # a dead predecessor's load is gone with it
     generator = Generator(Target(kind=info.kind, uuid=info.uuid, speed=info.speed))
     return WorkerContext(device=device, name=name, host=host, generator=generator, backend=backend)
 
@@ -467,8 +462,13 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
         try:
             context.generator.warm(model)
             log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
-        except Exception:
-            log.exception("%s: could not load %s; jobs will fail until it loads", context.device.label, model)
+        except Exception as exc:
+            # Out of service until the model loads: a device whose jobs all fail fast would
+            # look idle and draw every new chunk. Its canary tries the model again, with backoff.
+            log.exception("%s: could not load %s", context.device.label, model)
+            scheduler.device_set_unhealthy(
+                device=context.device, reason=f"model {model} does not load: {type(exc).__name__}: {exc}"
+            )
         worker = GpuWorker(context, connection=queues.redis_connection())
         context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
         heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), worker)

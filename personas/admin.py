@@ -17,11 +17,11 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
+from gpuscheduler.assignments import NoDeviceAvailable
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
-from gpuscheduler.services import NoDeviceAvailable
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
-from personas.forms import GenerateSamplesForm
+from personas.forms import GenerateSamplesForm, PersonaAdminForm
 from personas.models import Persona, RequestSource, RequestState, SampleImage, SampleRequest
 from personas.selectors import persona_gallery, persona_latest_request, request_progress
 from personas.services import (
@@ -54,6 +54,14 @@ def _names(personas: list[Persona]) -> str:
     return ", ".join(p.name for p in personas)
 
 
+def _explain_active_requests(request: HttpRequest, perms_needed: set[str]) -> set[str]:
+    """Say why a delete is refused when it would take an active sample request with it."""
+    name = str(SampleRequest._meta.verbose_name)
+    if name in perms_needed and request.user.has_perm("personas.delete_samplerequest"):
+        return (perms_needed - {name}) | {f"{name} that is queued or running (cancel it first)"}
+    return perms_needed
+
+
 class ActiveRequestFilter(admin.SimpleListFilter):
     title = "sample request"
     parameter_name = "samples"
@@ -71,6 +79,7 @@ class ActiveRequestFilter(admin.SimpleListFilter):
 
 @admin.register(Persona)
 class PersonaAdmin(OutOfRangeLookupMixin):
+    form = PersonaAdminForm
     list_display = ["name", "slug", "default_sample_count", "image_total", "updated"]
     list_filter = [ActiveRequestFilter, "created", "updated"]
     search_fields = ["name", "slug", "description", "appearance_prompt"]
@@ -81,7 +90,7 @@ class PersonaAdmin(OutOfRangeLookupMixin):
     formfield_overrides = {models.TextField: {"widget": AdminTextareaWidget(attrs={"rows": 3})}}
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("Sample images", {"fields": ["appearance_prompt", "negative_prompt", "default_sample_count", "base_seed"]}),
+        ("Image prompt", {"fields": ["appearance_prompt", "negative_prompt", "default_sample_count", "base_seed"]}),
         ("Record", {"classes": ["collapse"], "fields": ["images_requested", "created", "updated"]}),
     ]
 
@@ -247,6 +256,12 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         response["Cache-Control"] = "private, max-age=3600"
         return response
 
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, Any], set[Any], list[Any]]:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        return deleted, counts, _explain_active_requests(request, perms_needed), protected
+
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Persona]) -> None:
         sample_images_delete(images=list(SampleImage.objects.filter(persona__in=queryset)))
         super().delete_queryset(request, queryset)
@@ -279,6 +294,19 @@ class SampleRequestAdmin(OutOfRangeLookupMixin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Deleting a queued or running request would cascade to the attempts its workers are
+        # running; cancel it first. The check covers the bulk action and a persona's cascade too.
+        if isinstance(obj, SampleRequest) and obj.is_active:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, Any], set[Any], list[Any]]:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        return deleted, counts, _explain_active_requests(request, perms_needed), protected
 
     @admin.display(description="Persona", ordering="persona__name")
     def persona_link(self, obj: SampleRequest) -> str:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.core.exceptions import ValidationError
 
+from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
+from personas.models import Persona
 from personas.services import validate_count
 
 
@@ -30,3 +34,33 @@ class GenerateSamplesForm(forms.Form):
             label = "Count" if field == "count" else "Device" if field == "device" else "Form"
             parts.extend(f"{label}: {error}" for error in errors)
         return " ".join(parts)
+
+
+class PersonaAdminForm(forms.ModelForm):  # type: ignore[type-arg]
+    """The persona change form: its default count must fit one request (SAMPLES_MAX_PER_REQUEST)."""
+
+    class Meta:
+        model = Persona
+        fields = [
+            "name",
+            "slug",
+            "description",
+            "appearance_prompt",
+            "negative_prompt",
+            "default_sample_count",
+            "base_seed",
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields.get("default_sample_count")
+        if field is not None:
+            maximum = int(samples_config()["MAX_PER_REQUEST"])
+            field.widget.attrs["max"] = maximum
+            field.help_text = f"Images per press of Generate sample images: 1 to {maximum} (SAMPLES_MAX_PER_REQUEST)."
+
+    def clean_default_sample_count(self) -> int:
+        try:
+            return validate_count(self.cleaned_data["default_sample_count"])
+        except ValidationError as exc:
+            raise ValidationError(exc.messages[0], code=exc.code) from None

@@ -13,7 +13,7 @@ from django.core.management.base import CommandError
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
-from gpuscheduler.models import AssignmentState
+from gpuscheduler.models import AssignmentState, Device
 from gpuscheduler.policies import get_policy
 from gpuscheduler.selectors import device_views
 from gpuscheduler.worker import (
@@ -122,10 +122,8 @@ class SyncRunner:
             else:
                 backend = get_backend()
                 host = gpu_config()["HOST"]
-                devices = scheduler.devices_sync(backend=backend, host=host)
-                for reading in backend.read():
-                    device = next(d for d in devices if d.uuid == reading.uuid)
-                    scheduler.device_health_update(device=device, admission=scheduler.reading_admission(reading))
+                scheduler.snapshots_record(backend=backend, host=host)
+                devices = list(Device.objects.filter(host=host, uuid__in=[i.uuid for i in backend.devices()]))
                 ranked = get_policy(gpu_config()["POLICY"])(device_views(devices), 0)
                 if not ranked:
                     raise CommandError("No healthy device of this host can take work; name one with --device.")
@@ -153,6 +151,7 @@ class SyncRunner:
                         device=context.device,
                         source=RequestSource.COMMAND,
                         enqueue=False,
+                        require_worker=False,
                     )
                 except RequestAlreadyActive as exc:
                     skipped.append(str(exc))

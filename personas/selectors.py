@@ -73,7 +73,7 @@ def request_progress(*, request: SampleRequest) -> dict[str, Any]:
         "attempts": [
             {
                 "job_id": a.job_id,
-                "images": f"{a.first_index + 1}-{a.last_index + 1}" if a.image_count > 1 else str(a.first_index + 1),
+                "images": a.images_label,
                 "attempt": a.attempt,
                 "state": a.state,
                 "state_label": a.get_state_display(),

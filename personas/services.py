@@ -17,8 +17,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from gpuscheduler import assignments as scheduler
 from gpuscheduler import queues
-from gpuscheduler import services as scheduler
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
 from personas.imagegen import AttemptLost, GeneratedImage
@@ -85,6 +85,7 @@ def sample_request_submit(
     user: Any = None,
     source: str = RequestSource.ADMIN,
     enqueue: bool = True,
+    require_worker: bool = True,
 ) -> Submitted:
     """Create a request, place its chunks and enqueue them once the transaction commits.
 
@@ -114,7 +115,9 @@ def sample_request_submit(
                 raise
             raise RequestAlreadyActive(active) from None
         Persona.objects.filter(pk=locked.pk).update(images_requested=F("images_requested") + count)
-        assignments = scheduler.assignments_place(request_id=request.pk, count=count, pinned_device=device)
+        assignments = scheduler.assignments_place(
+            request_id=request.pk, count=count, pinned_device=device, require_worker=require_worker
+        )
         submitted = Submitted(request=request, assignments=assignments)
         labels = Device.objects.in_bulk([a.planned_device_id for a in assignments])
         tally: Counter[str] = Counter()
@@ -176,7 +179,7 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
         if not won:
             return 0
         waiting = list(request.assignments.filter(state=AssignmentState.QUEUED).values_list("job_id", "queue_name"))
-        request.assignments.filter(state=AssignmentState.QUEUED).update(
+        cancelled = request.assignments.filter(state=AssignmentState.QUEUED).update(
             state=AssignmentState.CANCELLED, finished_at=timezone.now(), error="request cancelled"
         )
 
@@ -186,7 +189,7 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
 
         transaction.on_commit(remove_jobs)
     request.refresh_from_db()
-    return len(waiting)
+    return cancelled
 
 
 def sample_request_mark_started(*, request_id: int) -> None:
@@ -198,6 +201,30 @@ def sample_request_mark_started(*, request_id: int) -> None:
 def sample_image_path(*, persona_id: int, request_id: int, index: int, assignment_id: int) -> str:
     """Where an image lives under MEDIA_ROOT: built from database ids only, never user input."""
     return f"samples/persona-{int(persona_id)}/r{int(request_id)}-i{int(index)}-a{int(assignment_id)}.png"
+
+
+def sample_attempt_files_remove(*, assignment: Assignment) -> int:
+    """Remove the files an abandoned attempt may have renamed into place before it lost its lease.
+
+    Their names are known (ids only), so no folder is scanned. Committed images of the same
+    positions belong to other attempts and have other names.
+    """
+    if assignment.request_id is None or assignment.request is None:
+        return 0
+    media = Path(settings.MEDIA_ROOT)
+    removed = 0
+    for index in range(assignment.first_index, assignment.first_index + assignment.image_count):
+        name = sample_image_path(
+            persona_id=assignment.request.persona_id,
+            request_id=assignment.request_id,
+            index=index,
+            assignment_id=assignment.pk,
+        )
+        for path in (media / name, media / (name + ".part")):
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def sample_images_commit(

@@ -2,6 +2,10 @@
 
 Migrates, creates demo data (printing the admin login), uses the Redis at REDIS_URL or starts a
 private redis-server, then starts the per-GPU workers, the monitor and the web server.
+
+Ctrl-C is a warm shutdown: the web server and the monitor stop, the workers finish their running
+jobs (up to SAMPLES_JOB_TIMEOUT + 30 s), then Redis stops. A second Ctrl-C kills everything at
+once. If any of them exits by itself, everything is stopped the same way.
 """
 
 from __future__ import annotations
@@ -12,11 +16,18 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = [sys.executable, str(ROOT / "manage.py")]
+# Past the job timeout, a worker whose job hangs in native code is killed by its own watchdog
+# (GPU_WATCHDOG_GRACE later); this is the margin on top of the timeout before we kill it ourselves.
+STOP_MARGIN_SECONDS = 30
+KILL_WAIT_SECONDS = 5
+
+Started = list[tuple[str, subprocess.Popen[bytes]]]
 
 
 def say(text: str) -> None:
@@ -60,6 +71,103 @@ def start_private_redis(url: str, data_dir: Path) -> subprocess.Popen[bytes]:
     sys.exit(f"[make run] the private redis-server did not answer on port {port}; is the port taken?")
 
 
+class Signals:
+    """Counts SIGINT/SIGTERM: the first asks for a warm shutdown, a second one for a kill."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.count == 2:
+            say("second signal: killing everything now")
+
+
+def group_alive(process: subprocess.Popen[bytes]) -> bool:
+    """Whether any live process is left in the child's process group (its own session).
+
+    The group holds what the child started too: gpuworkers' per-GPU workers and their watchdogs,
+    which keep their GPUs busy if the supervisor dies without them.
+    """
+    if process.poll() is None:  # reaps the child itself once it has exited
+        return True
+    pgid = process.pid
+    proc = Path("/proc")
+    if proc.is_dir():
+        # Zombies count as gone: an orphan's zombie stays until PID 1 reaps it, and in a
+        # container PID 1 may never do that.
+        for stat in proc.glob("[0-9]*/stat"):
+            with suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                    return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch(started: Started, signals: Signals, *, poll: float = 0.5) -> bool:
+    """Wait for a signal (False) or for any started process to exit by itself (True, saying which)."""
+    while not signals.count:
+        for name, process in started:
+            code = process.poll()
+            if code is None:
+                continue
+            if name == "gpuworkers":
+                say(f"WARNING: gpuworkers exited with {code}: no GPU worker is left; stopping everything")
+            else:
+                say(f"{name} exited with {code}; stopping everything")
+            return True
+        time.sleep(poll)
+    return False
+
+
+def stop_all(started: Started, *, grace: float, signals: Signals, poll: float = 0.2) -> None:
+    """Warm shutdown: SIGTERM to each child, Redis last; kill the process groups still there after `grace`."""
+    services = [(name, p) for name, p in started if name != "redis-server"]
+    redis = [(name, p) for name, p in started if name == "redis-server"]
+    for name, process in reversed(services):
+        if process.poll() is None:
+            # To the leader only: gpuworkers passes one SIGTERM to each worker (a warm shutdown),
+            # and a second one would turn it into rq's cold shutdown.
+            process.send_signal(signal.SIGTERM)
+        elif group_alive(process):
+            say(f"{name} is gone but left processes behind; stopping them")
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    wait_or_kill(services, deadline=time.monotonic() + grace, signals=signals, poll=poll)
+    for _, process in redis:
+        if process.poll() is None:
+            process.terminate()
+    wait_or_kill(redis, deadline=time.monotonic() + 10, signals=signals, poll=poll)
+
+
+def wait_or_kill(started: Started, *, deadline: float, signals: Signals, poll: float) -> None:
+    while any(group_alive(p) for _, p in started):
+        if time.monotonic() >= deadline or signals.count > 1:
+            for name, process in started:
+                if group_alive(process):
+                    if signals.count < 2:
+                        say(f"{name} did not stop in time; killing its process group")
+                    with suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+            end = time.monotonic() + KILL_WAIT_SECONDS
+            while any(group_alive(p) for _, p in started) and time.monotonic() < end:
+                time.sleep(0.1)
+            return
+        time.sleep(poll)
+
+
+def stop_grace(samples: dict[str, object]) -> float:
+    """Seconds the workers get to finish their running jobs before their process groups are killed."""
+    return float(str(samples["JOB_TIMEOUT"])) + STOP_MARGIN_SECONDS
+
+
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.chdir(ROOT)
@@ -71,60 +179,42 @@ def main() -> int:
     port = os.environ.get("PORT", "8000")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         sys.exit(f"[make run] PORT={port!r} is not a port number.")
+    grace = stop_grace(settings.SAMPLES)
     subprocess.run([*MANAGE, "check"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*MANAGE, "migrate", "--no-input", "-v", "0"], check=True)
     demo = subprocess.run([*MANAGE, "demo_data"], check=True, capture_output=True, text=True).stdout.strip()
 
-    started: list[tuple[str, subprocess.Popen[bytes]]] = []
-    if not redis_answers(settings.REDIS_URL):
-        started.append(("redis-server", start_private_redis(settings.REDIS_URL, Path(settings.DATA_DIR))))
-    # Each child in a session of its own: Ctrl-C reaches only this script, which stops them in
-    # order (web, monitor and workers warm, Redis last) instead of all at once.
-    for name, args in [
-        ("gpuworkers", ["gpuworkers"]),
-        ("gpumonitor", ["gpumonitor"]),
-        ("web", ["runserver", f"127.0.0.1:{port}", "--insecure", "--noreload"]),
-    ]:
-        started.append((name, subprocess.Popen([*MANAGE, *args], start_new_session=True)))
-
-    backend = settings.GPUSCHEDULER["BACKEND"]
-    say("-" * 60)
-    say(f"Open http://127.0.0.1:{port}/admin/   (GPU backend: {backend}, data: {settings.DATA_DIR})")
-    for line in demo.splitlines():
-        say(line)
-    say("GPU status: Admin > GPU scheduler > GPU status. Press Ctrl-C to stop everything.")
-    say("-" * 60)
-
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    signals = Signals()
+    signal.signal(signal.SIGINT, signals)
+    signal.signal(signal.SIGTERM, signals)
+    started: Started = []
+    crashed = False
     try:
-        while not stopping:
-            for name, process in started:
-                if process.poll() is not None and name != "gpuworkers":
-                    say(f"{name} exited with {process.returncode}; stopping everything")
-                    stopping = True
-            time.sleep(0.5)
+        if not redis_answers(settings.REDIS_URL):
+            started.append(("redis-server", start_private_redis(settings.REDIS_URL, Path(settings.DATA_DIR))))
+        # Each child in a session (and process group) of its own: Ctrl-C reaches only this
+        # script, which stops them in order (web, monitor and workers warm, Redis last) instead
+        # of all at once, and can kill a child together with everything it started.
+        for name, args in [
+            ("gpuworkers", ["gpuworkers"]),
+            ("gpumonitor", ["gpumonitor"]),
+            ("web", ["runserver", f"127.0.0.1:{port}", "--insecure", "--noreload"]),
+        ]:
+            started.append((name, subprocess.Popen([*MANAGE, *args], start_new_session=True)))
+
+        backend = settings.GPUSCHEDULER["BACKEND"]
+        say("-" * 60)
+        say(f"Open http://127.0.0.1:{port}/admin/   (GPU backend: {backend}, data: {settings.DATA_DIR})")
+        for line in demo.splitlines():
+            say(line)
+        say("GPU status: Admin > GPU scheduler > GPU status. Press Ctrl-C to stop everything.")
+        say("-" * 60)
+        crashed = watch(started, signals)
     finally:
-        say("stopping (running jobs finish first) ...")
-        for name, process in reversed(started):
-            if process.poll() is None and name != "redis-server":
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        for name, process in reversed(started):
-            if name == "redis-server" and process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                say(f"{name} did not stop in time; killing it")
-                process.kill()
-    return 0
+        say(f"stopping: running jobs finish first (up to {grace:.0f} s; Ctrl-C again to kill them now) ...")
+        stop_all(started, grace=grace, signals=signals)
+        say("stopped")
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":

@@ -18,11 +18,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from harness import Installation, wait_for  # noqa: E402
+
+if TYPE_CHECKING:
+    from playwright.sync_api import FloatRect
+
+WIDTH = 1280
+# The status page's assignments table has 50 rows (about 3,700 px in all): show the top, which
+# has the cards, the charts and the queues. The persona page's gallery grows with every request.
+STATUS_HEIGHT = 1500
+PERSONA_HEIGHT = 2000
+# The gallery's <img loading="lazy"> below the fold would be blank in a full-page picture.
+LOAD_EVERY_IMAGE = """async () => {
+    document.querySelectorAll('img[loading="lazy"]').forEach((img) => { img.loading = "eager"; });
+    window.scrollTo(0, document.body.scrollHeight);
+    await new Promise((done) => setTimeout(done, 500));
+    window.scrollTo(0, 0);
+}"""
+EVERY_IMAGE_COMPLETE = "Array.from(document.images).every((img) => img.complete)"
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -93,19 +111,26 @@ def shoot(port: int, persona_id: int, out: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": WIDTH, "height": 900})
         page.goto(f"{base}/admin/login/")
         page.fill("#id_username", "admin")
         page.fill("#id_password", "screenshot-password")
         page.click("input[type=submit]")
         page.goto(f"{base}/admin/gpuscheduler/gpustatuspage/")
         time.sleep(2)
-        page.screenshot(path=str(out / "gpu-status.png"), full_page=True)
+        page.screenshot(path=str(out / "gpu-status.png"), full_page=True, clip=top(STATUS_HEIGHT))
         page.goto(f"{base}/admin/personas/persona/{persona_id}/change/")
         time.sleep(6)  # the page updates itself while the last request runs
-        page.screenshot(path=str(out / "persona-samples.png"), full_page=True)
+        page.evaluate(LOAD_EVERY_IMAGE)
+        page.wait_for_function(EVERY_IMAGE_COMPLETE, timeout=30_000)
+        page.screenshot(path=str(out / "persona-samples.png"), full_page=True, clip=top(PERSONA_HEIGHT))
         browser.close()
     print(f"screenshots written to {out}")
+
+
+def top(height: int) -> FloatRect:
+    """The top `height` pixels of the page (Playwright trims the clip to a shorter page)."""
+    return {"x": 0, "y": 0, "width": WIDTH, "height": height}
 
 
 if __name__ == "__main__":

@@ -165,8 +165,14 @@ def persona(persona_factory: Callable[..., Persona]) -> Persona:
 @pytest.fixture
 def device_factory(db: None, settings: Any) -> Callable[..., Device]:
     def make(
-        name: str = "H100", *, kind: str = DeviceKind.SIMULATED, health: str = Health.HEALTHY, **fields: Any
+        name: str = "H100",
+        *,
+        kind: str = DeviceKind.SIMULATED,
+        health: str = Health.HEALTHY,
+        worker: bool = False,
+        **fields: Any,
     ) -> Device:
+        """A registered device; `worker=True` gives it a live worker (one heartbeat, now)."""
         n = next(_counter)
         info = DeviceInfo(
             uuid=fields.pop("uuid", f"SIM-test-{n:04d}"),
@@ -177,6 +183,10 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
             speed=fields.pop("speed", 1.0),
         )
         device = device_upsert(info=info, host=settings.GPUSCHEDULER["HOST"])
+        if worker:
+            from django.utils import timezone
+
+            fields = {"worker_name": f"worker-{n}", "worker_seen_at": timezone.now(), "worker_state": "idle", **fields}
         Device.objects.filter(pk=device.pk).update(health=health, **fields)
         device.refresh_from_db()
         return device

@@ -97,7 +97,7 @@ def test_persona_form_rejects_or_stores_hostile_text_and_image_paths_stay_ours(
 
 def make_one_image(persona: Persona, device) -> None:
     settings.SAMPLES = {**settings.SAMPLES, "MODEL": "simulated:0"}
-    submitted = sample_request_submit(persona=persona, count=1, device=device, enqueue=False)
+    submitted = sample_request_submit(persona=persona, count=1, device=device, enqueue=False, require_worker=False)
     info = DeviceInfo(uuid=device.uuid, name=device.name, kind="simulated", index=device.index)
     context = build_context(info, None, attach_worker=False)
     for assignment in submitted.assignments:

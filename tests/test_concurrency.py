@@ -12,8 +12,8 @@ from django.db import connection, transaction
 from django.test import Client
 from django.urls import reverse
 
+from gpuscheduler.assignments import assignments_place
 from gpuscheduler.models import Assignment
-from gpuscheduler.services import assignments_place
 from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
 
 

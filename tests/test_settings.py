@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ from config.env import (
 from gpuscheduler.checks import check_settings
 
 VAR = "PERSONA_TEST_SETTING"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -174,7 +180,8 @@ def test_a_postgresql_url_gives_every_connection_field():
         "HOST": "db.internal",
         "PORT": "5433",
         "OPTIONS": {"sslmode": "require", "connect_timeout": "5"},
-        "CONN_MAX_AGE": 0,
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
     }
 
 
@@ -199,6 +206,45 @@ def test_a_postgresql_url_without_a_database_is_refused():
 def test_an_unsupported_database_scheme_is_refused(url):
     with pytest.raises(ImproperlyConfigured, match="DATABASE_URL has the unsupported scheme"):
         database_from_url(url, base=Path("/"))
+
+
+# --- the settings module --------------------------------------------------------------------------
+
+
+def settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Import config.settings with this environment; print the HTTPS-related settings as JSON."""
+    code = (
+        "import json; from config import settings as s; print(json.dumps([s.SESSION_COOKIE_SECURE, "
+        "s.CSRF_COOKIE_SECURE, getattr(s, 'SECURE_PROXY_SSL_HEADER', None), s.TIME_ZONE]))"
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TIME_ZONE"))}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**environment, "DATA_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_plain_http_is_the_default(tmp_path):
+    result = settings_in_a_fresh_process(tmp_path)
+    assert json.loads(result.stdout) == [False, False, None, "UTC"]
+
+
+def test_https_switches_make_cookies_secure_and_trust_the_proxy_header(tmp_path):
+    result = settings_in_a_fresh_process(
+        tmp_path, DJANGO_SECURE_COOKIES="1", DJANGO_BEHIND_PROXY="yes", TIME_ZONE="Europe/Berlin"
+    )
+    assert json.loads(result.stdout) == [True, True, ["HTTP_X_FORWARDED_PROTO", "https"], "Europe/Berlin"]
+
+
+@pytest.mark.parametrize("name", ["DJANGO_SECURE_COOKIES", "DJANGO_BEHIND_PROXY"])
+def test_a_bad_https_switch_stops_the_import_naming_the_variable(tmp_path, name):
+    result = settings_in_a_fresh_process(tmp_path, **{name: "https"})
+    assert result.returncode != 0
+    assert f"ImproperlyConfigured: {name}='https' is not a boolean" in result.stderr
 
 
 # --- system checks ------------------------------------------------------------------------------
@@ -242,7 +288,7 @@ def test_an_unknown_backend_is_error_e002(gpu):
     assert ids(check_settings()) == ["gpuscheduler.E002"]
 
 
-@pytest.mark.parametrize("model", ["", "not a model!", "simulated:fast", "simulated:-1", "/no/such/model/dir", "a/b/c"])
+@pytest.mark.parametrize("model", ["", "not a model!", "simulated:fast", "simulated:-1", "a/b/c", "owner/"])
 def test_a_bad_samples_model_is_error_e003(samples, model):
     samples(MODEL=model)
     (problem,) = check_settings()
@@ -255,6 +301,36 @@ def test_a_bad_samples_model_is_error_e003(samples, model):
 def test_good_samples_models_pass(samples, model):
     samples(MODEL=model)
     assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    "model", ["/no/such/model/dir", "./no-such-model", "~/no-such-model-dir", " /srv/models/sd15 "]
+)
+def test_a_model_directory_missing_on_this_host_is_only_warning_w002(samples, model):
+    samples(MODEL=model)
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.W002"
+    assert isinstance(problem, Warning) and not isinstance(problem, Error)
+    assert f"SAMPLES_MODEL={model.strip()!r} is not a diffusers directory on this host (testhost)" in problem.msg
+    assert "GPU workers on this host will fail to load the model" in problem.hint
+
+
+def test_a_directory_without_model_index_json_is_warning_w002(samples, tmp_path):
+    samples(MODEL=str(tmp_path))
+    assert ids(check_settings()) == ["gpuscheduler.W002"]
+    (tmp_path / "model_index.json").write_text("{}")
+    assert check_settings() == []
+
+
+def test_a_web_host_without_the_model_still_passes_manage_py_check(samples):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    samples(MODEL="/srv/models/not-on-this-host")
+    call_command("check", stdout=StringIO(), stderr=StringIO())  # migrate and runserver run the same checks
+    samples(MODEL="a/b/c")
+    with pytest.raises(SystemCheckError, match=r"gpuscheduler\.E003"):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
 
 
 def test_zero_batch_or_request_size_is_error_e004(samples):

@@ -227,7 +227,10 @@ def test_an_active_request_is_skipped_and_the_exit_status_is_1(persona, device_f
         (["--persona", "ada-lovelace", "--device", "no-such-gpu"], "Unknown device 'no-such-gpu'"),
         (["--persona", "ada-lovelace", "--device", "no-such-gpu", "--dry-run"], "Unknown device 'no-such-gpu'"),
         (["--persona", "ada-lovelace", "--device", "no-such-gpu", "--sync"], "No single device of this host matches"),
-        (["--persona", "ada-lovelace", "--timeout", "0"], "--timeout must be between 0 and 604800 seconds."),
+        (["--persona", "ada-lovelace", "--wait", "--timeout", "0"], "--timeout must be between 0 and 604800 seconds."),
+        (["--persona", "ada-lovelace", "--timeout", "60"], "--timeout applies only to --wait"),
+        (["--persona", "ada-lovelace", "--sync", "--timeout", "60"], "--timeout applies only to --wait"),
+        (["--persona", "ada-lovelace", "--dry-run", "--timeout", "60"], "--timeout applies only to --wait"),
     ],
 )
 def test_bad_arguments_are_command_errors(persona, device_factory, args, message):
@@ -249,11 +252,77 @@ def test_all_without_personas_says_how_to_make_some(db):
         run("regenerate_samples", "--all")
 
 
-def test_no_healthy_device_is_a_command_error(persona, device_factory, redis_db):
+def test_no_healthy_device_skips_every_persona_with_the_reason_and_exits_1(persona, device_factory, redis_db):
     device_factory("H100", health=Health.UNHEALTHY, health_reason="NVML error: lost")
-    with pytest.raises(CommandError, match="No healthy device can take work now"):
-        run("regenerate_samples", "--persona", "ada-lovelace", "--count", "1")
+    out, err = StringIO(), StringIO()
+
+    with pytest.raises(SystemExit) as exit_info:
+        call_command(
+            "regenerate_samples", "--persona", "ada-lovelace", "--count", "1", "--json", stdout=out, stderr=err
+        )
+
+    assert exit_info.value.code == 1
+    (skipped,) = json.loads(out.getvalue())["skipped"]
+    assert skipped.startswith("Ada Lovelace was not queued: No healthy device can take work now")
+    assert "NVML error: lost" in skipped
+    assert "No healthy device can take work now" in err.getvalue()
     assert SampleRequest.objects.count() == 0
+
+
+def test_when_devices_fail_midway_the_queued_personas_are_reported_and_the_rest_skipped(
+    persona_factory, device_factory, redis_db, monkeypatch
+):
+    from personas.management.commands import regenerate_samples
+
+    for slug in ("one", "two", "three"):
+        persona_factory(slug=slug, name=slug.title())
+    device = device_factory("H100")
+    submit = regenerate_samples.sample_request_submit
+
+    def submit_then_overheat(**kwargs: Any) -> Any:
+        submitted = submit(**kwargs)
+        Device.objects.filter(pk=device.pk).update(health=Health.UNHEALTHY, health_reason="92 C")
+        return submitted
+
+    monkeypatch.setattr(regenerate_samples, "sample_request_submit", submit_then_overheat)
+    out, err = StringIO(), StringIO()
+
+    with pytest.raises(SystemExit) as exit_info:
+        call_command("regenerate_samples", "--all", "--count", "2", "--json", stdout=out, stderr=err)
+
+    assert exit_info.value.code == 1
+    summary = json.loads(out.getvalue())
+    assert [(r["persona"], r["count"], r["state"]) for r in summary["requests"]] == [("one", 2, "queued")]
+    assert summary["requested"] == 2
+    assert [s.split(":", 1)[0] for s in summary["skipped"]] == ["Two was not queued", "Three was not queued"]
+    assert all("92 C" in s for s in summary["skipped"])
+    assert "not queued (Two, Three): No healthy device can take work now" in err.getvalue()
+    assert SampleRequest.objects.count() == 1
+
+
+def test_when_devices_fail_midway_the_text_report_still_lists_what_was_queued(
+    persona_factory, device_factory, redis_db, monkeypatch
+):
+    from personas.management.commands import regenerate_samples
+
+    persona_factory(slug="one", name="One")
+    persona_factory(slug="two", name="Two")
+    device = device_factory("H100")
+    submit = regenerate_samples.sample_request_submit
+
+    def submit_then_lose_the_device(**kwargs: Any) -> Any:
+        submitted = submit(**kwargs)
+        Device.objects.filter(pk=device.pk).update(health=Health.UNHEALTHY, health_reason="GPU is lost")
+        return submitted
+
+    monkeypatch.setattr(regenerate_samples, "sample_request_submit", submit_then_lose_the_device)
+    out, err = StringIO(), StringIO()
+
+    with pytest.raises(SystemExit):
+        call_command("regenerate_samples", "--all", "--count", "2", stdout=out, stderr=err)
+
+    assert out.getvalue().startswith("queued 2 images of One")
+    assert "not queued (Two)" in err.getvalue()
 
 
 def test_redis_down_is_a_command_error_that_suggests_sync(persona, device_factory, redis_down):

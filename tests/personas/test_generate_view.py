@@ -108,7 +108,7 @@ def test_an_explicit_device_pins_every_image_to_its_own_queue(
 ):
     persona = persona_factory()
     device_factory("H100")
-    chosen = device_factory("T4")
+    chosen = device_factory("T4", worker=True)
     client.force_login(user_factory(perms=("personas.change_persona",)))
 
     response = client.post(generate_url(persona), {"count": "3", "device": str(chosen.pk)})
@@ -384,3 +384,19 @@ def test_an_anonymous_user_cannot_see_an_image(client, stored_image):
     response = client.get(reverse("admin:personas_persona_image", args=[stored_image.pk]))
     assert response.status_code == 302
     assert response["Location"].startswith(reverse("admin:login"))
+
+
+def test_an_explicit_device_without_a_running_worker_is_refused_and_nothing_is_written(
+    transactional_db, client, user_factory, persona_factory, device_factory, redis_db
+):
+    persona = persona_factory()
+    device_factory("H100", worker=True)
+    orphan = device_factory("T4")  # registered, but no worker reads its pinned queue
+    client.force_login(user_factory(perms=("personas.change_persona",)))
+
+    response = client.post(generate_url(persona), {"count": "3", "device": str(orphan.pk)})
+
+    ((level, text),) = messages_of(response)
+    assert level == constants.ERROR
+    assert f"{orphan.label} has no running worker" in text and "gpuworkers" in text
+    assert not SampleRequest.objects.exists() and not Assignment.objects.exists()

@@ -11,8 +11,8 @@ from django.test import Client
 from django.urls import reverse
 
 from gpuscheduler import queues
+from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState
-from gpuscheduler.services import assignment_claim
 from personas.imagegen import placeholder_image
 from personas.models import RequestSource, RequestState, SampleImage, SampleRequest
 from personas.services import sample_images_commit, sample_request_submit
@@ -96,8 +96,8 @@ def test_progress_json_shows_images_done_of_asked_with_their_devices_and_every_a
     ]
     assert data["by_device"] == [{"device": two_gpus[0].label, "images": 2}]
     assert [(a["images"], a["state"], a["planned"], a["device"]) for a in data["attempts"]] == [
-        ("1-2", "succeeded", two_gpus[0].label, two_gpus[0].label),
-        ("3-4", "queued", two_gpus[1].label, ""),
+        ("images 1-2", "succeeded", two_gpus[0].label, two_gpus[0].label),
+        ("images 3-4", "queued", two_gpus[1].label, ""),
     ]
     assert client.get(data["images"][0]["url"]).status_code == 200
 

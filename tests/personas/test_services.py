@@ -8,8 +8,8 @@ import pytest
 from django.db import IntegrityError, transaction
 
 from gpuscheduler import queues
+from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState
-from gpuscheduler.services import assignment_claim
 from personas.imagegen import placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import (
@@ -24,7 +24,7 @@ from personas.services import (
 
 @pytest.fixture
 def two_gpus(device_factory):
-    return [device_factory("H100"), device_factory("H100")]
+    return [device_factory("H100", worker=True), device_factory("H100", worker=True)]
 
 
 def submit(persona, count: int = 4, **options):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from typing import Any
@@ -7,11 +8,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
 
+from gpuscheduler.assignments import assignments_recover
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
-from gpuscheduler.services import assignments_recover, snapshots_compact, snapshots_record
+from gpuscheduler.services import snapshots_compact, snapshots_record
 
 COMPACT_EVERY_SECONDS = 60.0
+log = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -42,19 +45,21 @@ class Command(BaseCommand):
         try:
             while not stopping:
                 started = time.monotonic()
-                close_old_connections()
-                snapshots = snapshots_record(backend=backend, host=config["HOST"])
                 if once:
-                    for snap in snapshots:
+                    for snap in snapshots_record(backend=backend, host=config["HOST"]):
                         self.stdout.write(f"{snap.device.label}: {snap.health} {snap.error}".rstrip())
                     return
                 try:
+                    close_old_connections()
+                    snapshots_record(backend=backend, host=config["HOST"])
                     assignments_recover()
                     if started - last_compact > COMPACT_EVERY_SECONDS:
                         snapshots_compact()
                         last_compact = started
-                except Exception as exc:  # the collector never stops for a reconciliation error
-                    self.stderr.write(f"gpumonitor: recovery failed: {exc}")
+                except Exception:
+                    # The collector outlives a restarting database or a Redis blip: log, go on.
+                    log.exception("gpumonitor: this tick failed; trying again in %.1f s", interval)
+                    close_old_connections()
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
         finally:
             backend.close()

@@ -10,11 +10,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from gpuscheduler import queues
+from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.selectors import device_resolve
-from gpuscheduler.services import NoDeviceAvailable, assignments_place
 from personas.models import Persona, RequestSource
 from personas.runner import SyncRunner, WaitReport, requests_wait
 from personas.services import RequestAlreadyActive, sample_request_submit, validate_count
+
+DEFAULT_TIMEOUT = 3600.0
 
 
 class Command(BaseCommand):
@@ -32,15 +34,26 @@ class Command(BaseCommand):
         )
         parser.add_argument("--sync", action="store_true", help="Generate in this process: no Redis or workers needed.")
         parser.add_argument("--dry-run", action="store_true", help="Show where the images would go; change nothing.")
-        parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout.")
         parser.add_argument(
-            "--timeout", type=float, default=3600.0, help="With --wait: give up after this many seconds."
+            "--json", action="store_true", help="Print one JSON object on stdout (with --dry-run: the plan only)."
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help=f"Only with --wait: stop waiting after this many seconds (default {DEFAULT_TIMEOUT:.0f}); "
+            "the jobs go on in the workers and the exit status is 1.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         started = time.monotonic()
         personas = self.resolve_personas(options["persona"], options["all"])
         counts = self.resolve_counts(personas, options["count"])
+        if options["timeout"] is None:
+            options["timeout"] = DEFAULT_TIMEOUT
+        elif not options["wait"]:
+            raise CommandError("--timeout applies only to --wait: add --wait, or leave --timeout out.")
         if not 0 < options["timeout"] <= 7 * 86400:
             raise CommandError("--timeout must be between 0 and 604800 seconds.")
         if options["dry_run"]:
@@ -66,7 +79,7 @@ class Command(BaseCommand):
             ) from exc
         requests = []
         skipped = []
-        for persona in personas:
+        for position, persona in enumerate(personas):
             try:
                 submitted = sample_request_submit(
                     persona=persona, count=counts[persona.pk], device=device, source=RequestSource.COMMAND
@@ -76,11 +89,16 @@ class Command(BaseCommand):
                 self.stderr.write(f"skipped: {exc}")
                 continue
             except NoDeviceAvailable as exc:
-                raise CommandError(str(exc)) from exc
+                # No device can take work for anyone (it does not depend on the persona): queue
+                # nothing more, and report what was queued so far with the rest as skipped.
+                rest = personas[position:]
+                skipped.extend(f"{p} was not queued: {exc}" for p in rest)
+                self.stderr.write(f"not queued ({', '.join(p.name for p in rest)}): {exc}")
+                break
             requests.append(submitted.request)
             if not options["json"]:
                 self.stdout.write(f"queued {submitted.summary()}")
-        if options["wait"]:
+        if options["wait"] and requests:
             report = requests_wait(
                 requests, timeout=options["timeout"], stderr=self.stderr, progress=not options["json"]
             )

@@ -1,0 +1,467 @@
+"""Writes of the scheduler's assignments: placement, the life of one attempt (claim, heartbeat,
+finish, fail and retry, hand-off), canary records, and recovery from dead workers and lost Redis
+data.
+
+An assignment is one attempt at one chunk of a request's images. Every change of its state is a
+conditional UPDATE whose row count says who won, so workers, monitors and reconcilers on any
+number of hosts may run this code at once: an attempt is claimed once, committed at most once,
+and retried by exactly one reconciler.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from gpuscheduler import queues
+from gpuscheduler.conf import gpu_config, lease, samples_config
+from gpuscheduler.models import (
+    LIVE_STATES,
+    Assignment,
+    AssignmentKind,
+    AssignmentState,
+    Device,
+    Health,
+)
+from gpuscheduler.policies import Chunk, get_policy, plan_chunks, plan_pinned
+from gpuscheduler.selectors import device_views, placement_sequence
+
+log = logging.getLogger(__name__)
+
+# A retry avoids the device its previous attempt failed on for this long; after that (or when no
+# other device could take it) that device may try again.
+AVOID_SECONDS = 60.0
+AVOID_UNHEALTHY_SECONDS = 15.0
+# rq's SIGALRM gets the first chance to end a job that runs past its timeout; the reconciler
+# abandons it only this much later (a hang in native code, which SIGALRM cannot interrupt).
+DEADLINE_GRACE = timedelta(seconds=5)
+
+
+class NoDeviceAvailable(Exception):
+    """No device may take work now; the message says which and why."""
+
+
+# --- placement ------------------------------------------------------------------------------------
+
+
+def _unavailable_message(views: list) -> str:
+    if not views:
+        return "No device is registered yet: start `python manage.py gpuworkers` (or `gpumonitor`) first."
+    devices = Device.objects.in_bulk([v.id for v in views])
+    reasons = "; ".join(f"{d.label} is {d.health} ({d.health_reason})" for d in devices.values())
+    return f"No healthy device can take work now: {reasons}."
+
+
+def assignments_place(
+    *,
+    request_id: int,
+    count: int,
+    first_index: int = 0,
+    attempt: int = 1,
+    pinned_device: Device | None = None,
+    avoid_device_id: int | None = None,
+    whole: bool = False,
+    require_worker: bool = True,
+) -> list[Assignment]:
+    """Split `count` images into chunks, place each on a device and store the assignments.
+
+    `whole` keeps the images in one chunk (a retry re-runs exactly the chunk that failed).
+    A pinned device must have a live worker unless `require_worker` is off: only that device's
+    worker reads its pinned queue. Runs inside the caller's transaction; the caller enqueues
+    after commit.
+    """
+    assert transaction.get_connection().in_atomic_block, "assignments_place must run in a transaction"
+    # Lock every device row in one order so concurrent placements see each other's work
+    # (PostgreSQL); SQLite's IMMEDIATE transactions already serialize writers.
+    devices = list(Device.objects.select_for_update().order_by("pk"))
+    views = device_views(devices)
+    max_batch = count if whole else int(samples_config()["MAX_BATCH"])
+    chunks: list[Chunk]
+    if pinned_device is not None:
+        view = next((v for v in views if v.id == pinned_device.pk), None)
+        if view is None:
+            raise NoDeviceAvailable(f"Device {pinned_device} is not registered.")
+        if require_worker and not view.worker_alive:
+            raise NoDeviceAvailable(
+                f"{pinned_device.label} has no running worker, so nothing would take work pinned to it: "
+                f"start `python manage.py gpuworkers` on {pinned_device.host}, or let the policy choose."
+            )
+        state = "" if view.healthy else f" ({pinned_device.health}: the images wait for it to recover)"
+        chunks = plan_pinned(count, view, max_batch=max_batch, reason=f"chosen explicitly: {view.describe()}{state}")
+        policy_name = "explicit"
+    else:
+        policy_name = gpu_config()["POLICY"]
+        ranked = get_policy(policy_name)(views, placement_sequence())
+        if avoid_device_id is not None and len(ranked) > 1:
+            ranked = [r for r in ranked if r.device.id != avoid_device_id]
+        if not ranked:
+            raise NoDeviceAvailable(_unavailable_message(views))
+        if whole:
+            chunks = [Chunk(ranked[0].device.id, 0, count, ranked[0].reason)]
+        else:
+            chunks = plan_chunks(count, ranked, max_batch=max_batch)
+    created = []
+    for chunk in chunks:
+        assignment = Assignment.objects.create(
+            kind=AssignmentKind.SAMPLES,
+            request_id=request_id,
+            first_index=first_index + chunk.first_index,
+            image_count=chunk.size,
+            attempt=attempt,
+            job_id=f"samples-{uuid.uuid4().hex}",
+            queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned_device is not None),
+            planned_device_id=chunk.device_id,
+            pinned=pinned_device is not None,
+            avoid_device_id=avoid_device_id if pinned_device is None else None,
+            policy=policy_name,
+            reason=chunk.reason[:500],
+        )
+        log.info(
+            "request %s images %s (attempt %d) -> %s [%s]",
+            request_id,
+            assignment.images_label,
+            attempt,
+            assignment.queue_name,
+            chunk.reason,
+        )
+        created.append(assignment)
+    return created
+
+
+def enqueue_on_commit(assignments: list[Assignment]) -> None:
+    ids = [a.pk for a in assignments]
+    transaction.on_commit(
+        lambda: queues.enqueue_assignments(list(Assignment.objects.filter(pk__in=ids).order_by("first_index", "pk")))
+    )
+
+
+# --- the life of one attempt ------------------------------------------------------------------------
+
+
+def assignment_claim(
+    *, assignment_id: int, device: Device, worker_name: str, host: str, timeout: float
+) -> Assignment | None:
+    """Take a queued attempt for this worker; None if it was already taken, cancelled or replaced,
+    or if it is a retry of an attempt that failed on this device and another device can take it."""
+    now = timezone.now()
+    row = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).values(
+        "avoid_device_id", "queued_at"
+    )
+    first = row.first()
+    if first is None:
+        return None
+    if first["avoid_device_id"] == device.pk and first["queued_at"] > now - timedelta(seconds=AVOID_SECONDS):
+        if assignment_move_away(assignment_id=assignment_id, device=device):
+            return None
+        # Another device with a live worker that cannot take work this instant (busy, in
+        # probation, or just out of service) is worth a wait: leave the job; the reconciler puts
+        # it back on its queue within seconds, and it moves as soon as that device can take it.
+        # For a device that is out of service the wait is short: it may stay so for hours.
+        others = Device.objects.exclude(pk=device.pk).filter(worker_seen_at__gte=now - lease())
+        recent = first["queued_at"] > now - timedelta(seconds=AVOID_UNHEALTHY_SECONDS)
+        soon = others if recent else others.filter(health__in=[Health.HEALTHY, Health.PROBATION])
+        if soon.exists():
+            log.info("assignment %s failed on %s before: leaving it for another device", assignment_id, device.label)
+            return None
+    claimed = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
+        state=AssignmentState.RUNNING,
+        device=device,
+        worker_name=worker_name,
+        host=host,
+        started_at=now,
+        heartbeat_at=now,
+        deadline_at=now + timedelta(seconds=timeout),
+    )
+    if not claimed:
+        return None
+    return Assignment.objects.select_related("planned_device", "device").get(pk=assignment_id)
+
+
+def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
+    """Hand a retry that failed on `device` to the best other device that can run it now.
+
+    Any worker may steal any queued job, so placing a retry elsewhere is not enough: the worker
+    of the device it failed on (out of memory at one image, a timeout) hands it on when it pops it.
+    """
+    with transaction.atomic():
+        devices = list(Device.objects.select_for_update().order_by("pk"))
+        views = [v for v in device_views(devices) if v.id != device.pk and v.healthy and v.worker_alive]
+        ranked = get_policy(gpu_config()["POLICY"])(views, placement_sequence()) if views else []
+        if not ranked:
+            return False
+        target = ranked[0]
+        moved = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
+            planned_device_id=target.device.id,
+            queue_name=queues.device_queue_name(target.device.id),
+            reason=f"moved away from {device.label}, where it failed: {target.reason}"[:500],
+        )
+        if not moved:
+            return False
+        log.info("assignment %s moved from %s to %s", assignment_id, device.label, target.device.label)
+        enqueue_on_commit(list(Assignment.objects.filter(pk=assignment_id)))
+    return True
+
+
+def assignment_heartbeat(*, assignment_id: int) -> bool:
+    """Extend this attempt's lease; False means it was abandoned and its work will be dropped."""
+    return bool(
+        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(heartbeat_at=timezone.now())
+    )
+
+
+def assignment_succeed(*, assignment_id: int, calls: int, peak_memory: int | None, note: str = "") -> bool:
+    """Close a running attempt as succeeded; False if it lost its lease (its images must go)."""
+    assert transaction.get_connection().in_atomic_block, "commit images and the attempt together"
+    return bool(
+        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
+            state=AssignmentState.SUCCEEDED,
+            finished_at=timezone.now(),
+            calls=calls,
+            peak_memory=peak_memory,
+            error=note[:10000],
+        )
+    )
+
+
+def assignment_fail(*, assignment_id: int, error: str, retryable: bool = True) -> Assignment | None:
+    """Close a running attempt as failed; place a retry if attempts remain. Returns the retry."""
+    with transaction.atomic():
+        old = Assignment.objects.select_related("request").filter(pk=assignment_id).first()
+        if old is None:
+            return None
+        can_retry = retryable and old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]
+        ended = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
+            state=AssignmentState.RETRIED if can_retry else AssignmentState.FAILED,
+            finished_at=timezone.now(),
+            error=error[:10000],
+        )
+        if not ended:
+            return None
+        retry = _retry(old, reason=error) if can_retry else None
+    _after_attempt(old, discard_files=False)
+    return retry
+
+
+def _retry(old: Assignment, *, reason: str) -> Assignment | None:
+    """Place the next attempt of `old`'s chunk (the same images, in one chunk), away from the
+    device it failed on if possible. None, and `old` marked failed, when there is no retry."""
+    assert old.request_id is not None, "only sample attempts are retried"
+    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
+
+    if not SampleRequest.objects.filter(pk=old.request_id, state__in=ACTIVE_REQUEST_STATES).exists():
+        # Cancelled (or already finished) while this attempt ran: nothing more to make.
+        Assignment.objects.filter(pk=old.pk).update(
+            state=AssignmentState.FAILED, error=f"{reason[:9000]}\nnot retried: the request is no longer active"
+        )
+        return None
+    pinned = old.planned_device if old.pinned else None
+    try:
+        with transaction.atomic():
+            (retry,) = assignments_place(
+                request_id=old.request_id,
+                count=old.image_count,
+                first_index=old.first_index,
+                attempt=old.attempt + 1,
+                pinned_device=pinned,
+                avoid_device_id=old.device_id,
+                whole=True,
+                require_worker=False,
+            )
+    except IntegrityError:
+        # The chunk already has a live attempt (the unique constraint): nothing to add.
+        log.error("retry of %s: the chunk already has a live attempt", old.job_id)
+        return None
+    except NoDeviceAvailable as exc:
+        # Nowhere to go now: keep the chunk on the device it was planned for; its queue is
+        # read by every worker, so whichever device recovers first takes it.
+        log.warning("retry of %s: %s", old.job_id, exc)
+        with transaction.atomic():
+            retry = Assignment.objects.create(
+                kind=old.kind,
+                request_id=old.request_id,
+                first_index=old.first_index,
+                image_count=old.image_count,
+                attempt=old.attempt + 1,
+                job_id=f"samples-{uuid.uuid4().hex}",
+                queue_name=old.queue_name,
+                planned_device_id=old.planned_device_id,
+                pinned=old.pinned,
+                avoid_device_id=None if old.pinned else old.device_id,
+                policy=old.policy,
+                reason=f"retry on its planned device: {exc}"[:500],
+            )
+    log.warning(
+        "job %s: attempt %d ended (%s); retry %s placed on %s",
+        old.job_id,
+        old.attempt,
+        reason.splitlines()[0] if reason else "",
+        retry.job_id,
+        retry.queue_name,
+    )
+    enqueue_on_commit([retry])
+    return retry
+
+
+def _after_attempt(old: Assignment, *, discard_files: bool) -> None:
+    """Tell the personas app an attempt ended: its request's state, and files it may have left."""
+    if old.request_id is None:
+        return
+    from personas.services import sample_attempt_files_remove, sample_request_refresh
+
+    if discard_files:
+        sample_attempt_files_remove(assignment=old)
+    sample_request_refresh(request_id=old.request_id)
+
+
+# --- canaries ----------------------------------------------------------------------------------------
+
+
+def canary_start(*, device: Device, worker_name: str, host: str, timeout: float) -> Assignment:
+    """Record the one-image job a device in probation must pass to take work again."""
+    now = timezone.now()
+    return Assignment.objects.create(
+        kind=AssignmentKind.CANARY,
+        image_count=1,
+        job_id=f"canary-{uuid.uuid4().hex}",
+        queue_name="(in-process)",
+        planned_device=device,
+        device=device,
+        policy="probation",
+        reason=device.health_reason[:500],
+        worker_name=worker_name,
+        host=host,
+        state=AssignmentState.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        deadline_at=now + timedelta(seconds=timeout),
+    )
+
+
+def canary_finish(*, assignment_id: int, passed: bool, error: str = "") -> bool:
+    """Close a canary record; False if the reconciler had already given it up."""
+    return bool(
+        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
+            state=AssignmentState.SUCCEEDED if passed else AssignmentState.FAILED,
+            finished_at=timezone.now(),
+            calls=1,
+            error=error[-5000:],
+        )
+    )
+
+
+# --- recovery ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    abandoned: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    repaired_requests: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.abandoned or self.requeued or self.repaired_requests)
+
+
+def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5.0) -> RecoveryReport:
+    """Find attempts whose worker died or hung, and jobs Redis lost; re-run them exactly once.
+
+    - A RUNNING attempt whose heartbeat is older than the lease (the worker died, or hangs
+      holding the GIL) or that ran past its deadline is ABANDONED and its chunk placed again.
+      If the old attempt is still alive somewhere, its commit finds the row ABANDONED and drops
+      its images; files it had already renamed into place are removed here.
+    - A QUEUED attempt that is not on its Redis queue (Redis was down at enqueue, lost its data,
+      or a worker died between popping it and claiming it) is enqueued again. A copy delivered
+      twice is harmless: only one execution can claim the row.
+    """
+    now = now or timezone.now()
+    report = RecoveryReport()
+    stale = Assignment.objects.filter(state=AssignmentState.RUNNING).filter(
+        Q(heartbeat_at__lt=now - lease()) | Q(deadline_at__lt=now - DEADLINE_GRACE)
+    )
+    for old in stale.select_related("device", "request")[:200]:
+        timed_out = old.deadline_at is not None and old.deadline_at < now - DEADLINE_GRACE
+        why = (
+            f"ran past its deadline ({old.deadline_at:%H:%M:%S})"
+            if timed_out
+            else f"worker {old.worker_name or '?'} stopped sending heartbeats (last {old.heartbeat_at:%H:%M:%S})"
+        )
+        with transaction.atomic():
+            # Only the reconciler whose UPDATE matches the stale row abandons it.
+            won = Assignment.objects.filter(
+                pk=old.pk, state=AssignmentState.RUNNING, heartbeat_at=old.heartbeat_at
+            ).update(state=AssignmentState.ABANDONED, finished_at=now, error=why)
+            if not won:
+                continue
+            Device.objects.filter(current_assignment=old).update(current_assignment=None)
+            if old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]:
+                _retry(old, reason=why)
+            else:
+                Assignment.objects.filter(pk=old.pk).update(
+                    state=AssignmentState.FAILED, error=f"{why}; no attempts left" if old.request_id else why
+                )
+        report.abandoned.append(old.job_id)
+        _after_attempt(old, discard_files=True)
+
+    report.requeued = _requeue_missing(now=now, grace=timedelta(seconds=requeue_grace))
+    report.repaired_requests = _repair_requests()
+    if report:
+        log.warning(
+            "recovery: abandoned %s, re-enqueued %s, repaired requests %s",
+            report.abandoned,
+            report.requeued,
+            report.repaired_requests,
+        )
+    return report
+
+
+def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
+    waiting = list(
+        Assignment.objects.filter(state=AssignmentState.QUEUED, queued_at__lt=now - grace).order_by("id")[:1000]
+    )
+    if not waiting:
+        return []
+    try:
+        connection = queues.redis_connection()
+        present: dict[str, set[str]] = {}
+        for name in {a.queue_name for a in waiting}:
+            present[name] = queues.queue_job_ids(name, connection)
+        requeued = []
+        for assignment in waiting:
+            if assignment.job_id in present[assignment.queue_name]:
+                continue
+            fresh = Assignment.objects.filter(pk=assignment.pk, state=AssignmentState.QUEUED).first()
+            # Skip what was (re-)enqueued within the grace: it may have been popped a moment ago
+            # and be about to be claimed. A job popped earlier and never claimed (its worker died
+            # in between, or handed it on) is enqueued again; a second copy cannot be claimed twice.
+            if fresh is None or (fresh.enqueued_at is not None and fresh.enqueued_at > now - grace):
+                continue
+            queues.enqueue_assignment(fresh, connection)
+            Assignment.objects.filter(pk=fresh.pk).update(enqueued_at=timezone.now())
+            requeued.append(fresh.job_id)
+        return requeued
+    except queues.REDIS_ERRORS as exc:
+        log.info("reconciler: Redis unavailable (%s); will retry", exc)
+        return []
+
+
+def _repair_requests() -> list[int]:
+    """Active requests with no live attempt left (a crash between two writes) get their final state."""
+    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
+    from personas.services import sample_request_refresh
+
+    orphaned = (
+        SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=timezone.now() - timedelta(seconds=5))
+        .exclude(assignments__state__in=LIVE_STATES)
+        .values_list("pk", flat=True)[:100]
+    )
+    repaired = []
+    for request_id in orphaned:
+        sample_request_refresh(request_id=request_id)
+        repaired.append(request_id)
+    return repaired
