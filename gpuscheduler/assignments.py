@@ -105,7 +105,7 @@ def assignments_place(
         if whole:
             chunks = [Chunk(ranked[0].device.id, 0, count, ranked[0].reason)]
         else:
-            chunks = plan_chunks(count, ranked, max_batch=max_batch)
+            chunks = plan_chunks(count, ranked, max_batch=max_batch, by_finish=policy_name == "balanced")
     created = []
     for chunk in chunks:
         assignment = Assignment.objects.create(

@@ -165,21 +165,40 @@ def even_sizes(count: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int]) -> float:
-    """When the last chunk would finish if chunk i went to ranked[i % len(ranked)]."""
+def assign_sizes(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finish: bool) -> list[tuple[Ranked, int]]:
+    """Give each chunk a device: in rank order, or (`by_finish`) largest chunk first to the device
+    that would finish it soonest, counting its backlog and speed, rank breaking ties."""
+    if not by_finish:
+        return [(ranked[i % len(ranked)], size) for i, size in enumerate(sizes)]
+    load = {r.device.id: call_cost(r.device, r.device.backlog) for r in ranked}
+    placed: list[tuple[Ranked, int]] = []
+    for size in sorted(sizes, reverse=True):
+        best = min(
+            enumerate(ranked), key=lambda item: (load[item[1].device.id] + call_cost(item[1].device, size), item[0])
+        )[1]
+        load[best.device.id] += call_cost(best.device, size)
+        placed.append((best, size))
+    return placed
+
+
+def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finish: bool = False) -> float:
+    """When the last chunk would finish, placed as assign_sizes places them."""
     finish: dict[int, float] = {}
-    for i, size in enumerate(sizes):
-        device = ranked[i % len(ranked)].device
+    for choice, size in assign_sizes(ranked, sizes, by_finish=by_finish):
+        device = choice.device
         start = finish.get(device.id, call_cost(device, device.backlog))
         finish[device.id] = start + call_cost(device, size)
     return max(finish.values())
 
 
-def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> list[Chunk]:
+def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_finish: bool = False) -> list[Chunk]:
     """Split `count` images into pipeline calls over the ranked devices.
 
     Split only as far as it shortens the estimated wait by MIN_SPLIT_GAIN: fewer, fuller calls
-    make more images per second, and the devices left free take the next request.
+    make more images per second, and the devices left free take the next request. With
+    `by_finish` (the balanced policy) each chunk goes where it would finish soonest, so a slow
+    device is used only where it shortens the wait; otherwise chunk i takes the i-th device of
+    the ranking (round robin and least memory keep their own order).
     """
     if count < 1:
         raise ValueError("count must be at least 1")
@@ -187,15 +206,17 @@ def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> list
         raise ValueError("no device to place on")
     fewest = math.ceil(count / max_batch)
     most = max(fewest, min(count, len(ranked)))
-    best_parts, best_time = fewest, estimated_finish(ranked, even_sizes(count, fewest))
+    best_parts, best_time = fewest, estimated_finish(ranked, even_sizes(count, fewest), by_finish=by_finish)
     for parts in range(fewest + 1, most + 1):
-        candidate = estimated_finish(ranked, even_sizes(count, parts))
+        candidate = estimated_finish(ranked, even_sizes(count, parts), by_finish=by_finish)
         if candidate < best_time * (1 - MIN_SPLIT_GAIN):
             best_parts, best_time = parts, candidate
+    placed = assign_sizes(ranked, even_sizes(count, best_parts), by_finish=by_finish)
+    if by_finish:
+        placed.sort(key=lambda item: [r.device.id for r in ranked].index(item[0].device.id))
     chunks: list[Chunk] = []
     first = 0
-    for i, size in enumerate(even_sizes(count, best_parts)):
-        choice = ranked[i % len(ranked)]
+    for choice, size in placed:
         chunks.append(Chunk(choice.device.id, first, size, choice.reason))
         first += size
     return chunks

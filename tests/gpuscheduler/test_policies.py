@@ -327,3 +327,25 @@ def test_admit_accepts_exactly_the_free_memory_the_model_needs():
 def test_an_nvml_error_is_reported_before_other_readings():
     admission = admit(**reading(ok=False, error="boom", temperature=99.0, memory_used=80 * GIB), limits=LIMITS)
     assert admission.reason == "NVML error: boom"
+
+
+def test_balanced_placement_sends_chunks_where_they_finish_soonest_not_to_a_slow_device_ranked_second():
+    fast_a = gpu(1, saturation=1)
+    slow = gpu(2, saturation=1, speed=0.25, memory_used=0)  # emptiest, so ranked high
+    fast_b = gpu(3, saturation=1, memory_used=20 * GIB)
+    ranked = balanced([fast_a, slow, fast_b])
+    assert [r.device.id for r in ranked][:2] == [2, 1], "the slow device ranks near the top"
+
+    by_rank = plan_chunks(8, ranked, max_batch=16)
+    by_finish = plan_chunks(8, ranked, max_batch=16, by_finish=True)
+
+    assert sorted((c.device_id, c.size) for c in by_finish) == [(1, 4), (3, 4)]
+    assert 2 in {c.device_id for c in by_rank}, "in rank order the slow device gets a share"
+    assert [c.first_index for c in by_finish] == [0, 4]
+
+
+def test_a_slow_device_still_helps_when_the_fast_ones_are_backed_up():
+    fast = gpu(1, saturation=1, queued_images=40)
+    slow = gpu(2, saturation=1, speed=0.25)
+    chunks = plan_chunks(4, balanced([fast, slow]), max_batch=16, by_finish=True)
+    assert {c.device_id for c in chunks} == {2}, "4 images on the idle T4 finish before 40 queued ahead on the fast one"
