@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,7 +16,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
-    from personas.imagegen import ModelError, parse_model
+    from personas.imagegen import ModelDirectoryMissing, ModelError, parse_model
 
     problems: list[Error | Warning] = []
     config = gpu_config()
@@ -38,26 +37,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 id="gpuscheduler.E002",
             )
         )
-    missing = _missing_model_directory(str(samples["MODEL"]))
-    if missing:
+    try:
+        parse_model(samples["MODEL"])
+    except ModelDirectoryMissing:
         # Only this host lacks it: the web server may run where no model is (README, "Several
         # machines"), and a Warning does not stop migrate or runserver as an Error would.
         problems.append(
             Warning(
-                f"SAMPLES_MODEL={missing!r} is not a diffusers directory on this host ({config['HOST']}): "
-                "there is no model_index.json in it.",
+                f"SAMPLES_MODEL={samples['MODEL'].strip()!r} is not a diffusers directory on this host "
+                f"({config['HOST']}): there is no model_index.json in it.",
                 hint="GPU workers on this host will fail to load the model. That is fine on a host that only runs "
                 "the web server; on a GPU host, point SAMPLES_MODEL at a folder saved with save_pretrained().",
                 id="gpuscheduler.W002",
             )
         )
-    else:
-        try:
-            parse_model(samples["MODEL"])
-        except ModelError as exc:
-            problems.append(
-                Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003")
-            )
+    except ModelError as exc:
+        problems.append(
+            Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003")
+        )
     if samples["MAX_BATCH"] < 1 or samples["MAX_PER_REQUEST"] < 1:
         problems.append(
             Error("SAMPLES_MAX_BATCH and SAMPLES_MAX_PER_REQUEST must be at least 1.", id="gpuscheduler.E004")
@@ -90,12 +87,3 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
     return problems
-
-
-def _missing_model_directory(value: str) -> str | None:
-    """The value, when it names a local directory (as parse_model reads it) that is no diffusers model here."""
-    text = value.strip()
-    path = Path(text).expanduser()
-    if text and (path.is_absolute() or text.startswith(".")) and not (path / "model_index.json").is_file():
-        return text
-    return None

@@ -9,7 +9,7 @@ from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Subqu
 from django.db.models.functions import Floor
 from django.utils import timezone
 
-from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.conf import gpu_config, lease, samples_config
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
 from gpuscheduler.policies import DeviceView, Limits
 
@@ -33,8 +33,15 @@ def limits() -> Limits:
 def worker_alive(device: Device, now: datetime | None = None) -> bool:
     if not device.worker_name or device.worker_seen_at is None:
         return False
-    lease = timedelta(seconds=float(gpu_config()["LEASE_SECONDS"]))
-    return device.worker_seen_at >= (now or timezone.now()) - lease
+    return device.worker_seen_at >= (now or timezone.now()) - lease()
+
+
+def device_has_pending_work(device: Device) -> bool:
+    """Is there queued work this device's worker may run (now, or once re-enqueued), or running
+    work whose failure could bring a retry? (When a burst worker may stop.)"""
+    waiting = Assignment.objects.filter(state=AssignmentState.QUEUED)
+    mine = waiting.filter(planned_device=device) | waiting.filter(pinned=False)
+    return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
 
 
 def saturation(kind: str) -> int:

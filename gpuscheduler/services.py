@@ -72,14 +72,18 @@ def reading_admission(reading: Reading, device: Device) -> Admission:
     )
 
 
-def device_health_update(*, device: Device, admission: Admission, now: datetime | None = None) -> str:
-    """Apply one reading's verdict: bad readings make a device unhealthy at once; good readings
-    move an unhealthy device to probation, which only a passing canary job ends."""
+def device_observe(*, device: Device, reading: Reading, now: datetime | None = None) -> str:
+    """Judge one reading of `device` and apply the verdict: bad readings make it unhealthy at once;
+    good readings move an unhealthy device to probation, which only a passing canary job ends."""
+    device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
+    return _health_apply(device=device, admission=reading_admission(reading, device), now=now)
+
+
+def _health_apply(*, device: Device, admission: Admission, now: datetime | None = None) -> str:
+    """Move `device` (as just read) to the health the verdict calls for; the conditional UPDATE
+    leaves a concurrent observer's transition alone."""
     now = now or timezone.now()
-    current = Device.objects.filter(pk=device.pk).values_list("health", "health_reason").first()
-    if current is None:
-        return device.health
-    health, reason = current
+    health, reason = device.health, device.health_reason
     if not admission.ok:
         new, new_reason = Health.UNHEALTHY, admission.reason
     elif health == Health.HEALTHY and reason == REGISTERED:
@@ -136,7 +140,7 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
         device = devices.get(reading.uuid)
         if device is None:
             continue
-        health = device_health_update(device=device, admission=reading_admission(reading, device), now=now)
+        health = device_observe(device=device, reading=reading, now=now)
         snapshots.append(
             Snapshot(
                 device=device,

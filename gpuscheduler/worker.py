@@ -46,11 +46,11 @@ from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
 from gpuscheduler.conf import gpu_config, lease, samples_config
 from gpuscheduler.models import (
     Assignment,
-    AssignmentState,
     Device,
     Health,
     WorkerState,
 )
+from gpuscheduler.selectors import device_has_pending_work
 from gpuscheduler.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class GpuWorker(SimpleWorker):
 
     def work_remains(self) -> bool:
         """Burst mode: is there queued work this worker may run (now or once re-enqueued)?"""
-        return work_remains_for(self.context.device)
+        return device_has_pending_work(self.context.device)
 
     def housekeeping(self) -> bool:
         """Read the device, apply admission, refresh queues, recover; True if work may be taken.
@@ -300,11 +300,13 @@ class GpuWorker(SimpleWorker):
     def _housekeeping(self) -> bool:
         close_old_connections()
         device = self.context.device
-        device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
+        reading = None
         if self.context.backend is not None:
             reading = next((r for r in self.context.backend.read() if r.uuid == device.uuid), None)
-            if reading is not None:
-                scheduler.device_health_update(device=device, admission=scheduler.reading_admission(reading, device))
+        if reading is not None:
+            scheduler.device_observe(device=device, reading=reading)
+        else:
+            device.refresh_from_db(fields=["health", "health_reason"])
         now = time.monotonic()
         if device.health == Health.PROBATION and now >= self._next_canary:
             if run_canary(self.context):
@@ -372,13 +374,6 @@ def run_canary(context: WorkerContext) -> bool:
         return False  # the reconciler gave it up (it ran past its lease): try again later
     scheduler.device_probation_end(device=device, passed=True, detail=f"1 image in {seconds:.2f} s")
     return True
-
-
-def work_remains_for(device: Device) -> bool:
-    """Is there queued work this device's worker may run (now, or once re-enqueued)?"""
-    waiting = Assignment.objects.filter(state=AssignmentState.QUEUED)
-    mine = waiting.filter(planned_device=device) | waiting.filter(pinned=False)
-    return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
 
 
 # --- starting a worker ----------------------------------------------------------------------------

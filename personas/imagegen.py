@@ -51,6 +51,10 @@ class ModelError(Exception):
     """SAMPLES_MODEL cannot be loaded; the message says why and what to set instead."""
 
 
+class ModelDirectoryMissing(ModelError):
+    """SAMPLES_MODEL names a local directory that holds no diffusers model on this host."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     kind: str  # "tiny", "local", "hub" or "simulated"
@@ -76,7 +80,7 @@ def parse_model(text: str) -> ModelSpec:
     path = Path(text).expanduser()
     if path.is_absolute() or text.startswith("."):
         if not (path / "model_index.json").is_file():
-            raise ModelError(
+            raise ModelDirectoryMissing(
                 f"SAMPLES_MODEL={text!r} is not a diffusers directory (no model_index.json): "
                 "point it at a folder saved with save_pretrained()."
             )

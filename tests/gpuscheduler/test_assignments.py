@@ -175,14 +175,14 @@ def test_the_heartbeat_never_stops_a_job_it_did_not_find_abandoned(persona, thre
 
 def test_a_device_out_of_service_for_heat_returns_only_well_below_the_limit(device_factory):
     from gpuscheduler.backends import Reading
-    from gpuscheduler.services import device_health_update, reading_admission
+    from gpuscheduler.services import device_observe
 
     hot = device_factory("H100", health=Health.UNHEALTHY)
     limit = settings.GPUSCHEDULER["MAX_TEMPERATURE"]
     reading = Reading(uuid=hot.uuid, ok=True, memory_used=0, memory_total=80 * 1024**3, temperature=limit - 2)
-    assert device_health_update(device=hot, admission=reading_admission(reading, hot)) == Health.UNHEALTHY
+    assert device_observe(device=hot, reading=reading) == Health.UNHEALTHY
     cool = Reading(uuid=hot.uuid, ok=True, memory_used=0, memory_total=80 * 1024**3, temperature=limit - 10)
-    assert device_health_update(device=hot, admission=reading_admission(cool, hot)) == Health.PROBATION
+    assert device_observe(device=hot, reading=cool) == Health.PROBATION
 
 
 def test_memory_held_by_the_devices_own_worker_counts_as_free(device_factory, settings):
