@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput clean
+.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput bench-scheduling clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,13 +30,16 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy config gpuscheduler personas
 
 # Benchmarks (not tests): each prints a table and, where there is a baseline, the ratio.
-bench: bench-status bench-throughput bench-soak bench-faults
+bench: bench-status bench-throughput bench-scheduling bench-soak bench-faults
 
 bench-status: $(STAMP)
 	$(PY) bench/bench_status_page.py
 
 bench-throughput: $(STAMP)
 	$(PY) bench/bench_throughput.py
+
+bench-scheduling: $(STAMP)
+	$(PY) bench/bench_scheduling.py
 
 bench-soak: $(STAMP)
 	$(PY) bench/bench_soak.py

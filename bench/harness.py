@@ -74,15 +74,20 @@ class Installation:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def stop_processes(self) -> None:
-        for process in self.children:
+        self.stop_process(*self.children)
+
+    def stop_process(self, *processes: subprocess.Popen[bytes]) -> None:
+        """SIGTERM each process group (a warm shutdown), SIGKILL what is left after 20 s."""
+        for process in processes:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-        for process in self.children:
+        for process in processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

@@ -18,6 +18,7 @@ from config.env import (
     env_str,
     parse_simulated_spec,
 )
+from gpuscheduler.policies import STEAL_RULES  # pure: no Django, no torch
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,7 @@ GPUSCHEDULER = {
     "BACKEND": _GPU_BACKEND,
     "SIMULATED": _GPU_SIMULATED,
     "POLICY": env_str("GPU_POLICY", "balanced").lower(),
+    "STEAL": env_choice("GPU_STEAL", "speed", STEAL_RULES),
     "HOST": env_str("GPU_HOST", socket.gethostname()),
     "MAX_TEMPERATURE": env_float("GPU_MAX_TEMPERATURE", 85.0, minimum=30, maximum=120),
     "MIN_FREE_MEMORY_MB": env_int("GPU_MIN_FREE_MEMORY_MB", 1024, minimum=0, maximum=1_000_000),

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 
 from gpuscheduler.conf import gpu_config, samples_config
-from gpuscheduler.policies import POLICIES
+from gpuscheduler.policies import POLICIES, STEAL_RULES
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -66,6 +66,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 f"(GPU_HEARTBEAT_INTERVAL={config['HEARTBEAT_INTERVAL']}): live workers would be declared dead.",
                 hint="Make GPU_LEASE_SECONDS at least 3 x GPU_HEARTBEAT_INTERVAL.",
                 id="gpuscheduler.E005",
+            )
+        )
+    if config["STEAL"] not in STEAL_RULES:
+        problems.append(
+            Error(
+                f"GPU_STEAL={config['STEAL']!r} is not a stealing rule.",
+                hint=f"Set GPU_STEAL to one of: {', '.join(STEAL_RULES)} (speed is the default).",
+                id="gpuscheduler.E007",
             )
         )
     url = urlsplit(settings.REDIS_URL)

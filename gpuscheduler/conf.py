@@ -11,6 +11,7 @@ DEFAULTS: dict[str, Any] = {
     "BACKEND": "auto",
     "SIMULATED": "sim*2",
     "POLICY": "balanced",
+    "STEAL": "speed",
     "HOST": "localhost",
     "MAX_TEMPERATURE": 85.0,
     "MIN_FREE_MEMORY_MB": 1024,

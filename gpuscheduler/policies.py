@@ -160,6 +160,25 @@ def call_cost(device: DeviceView, images: int) -> float:
     return math.ceil(images / max(device.saturation, 1)) / max(device.speed, 0.01)
 
 
+# How idle workers take work queued on other devices (GPU_STEAL): "speed" where steal_pays says
+# so, "always" from any device with queued work (plain work stealing, for comparison in bench/).
+STEAL_RULES = ("speed", "always")
+
+
+def steal_pays(thief: DeviceView, owner: DeviceView, images: int) -> bool:
+    """Should the idle `thief` take a chunk of `images` waiting on `owner`'s queue?
+
+    Always where the owner cannot run it (unhealthy, or no live worker): its queued work must not
+    wait for it. Otherwise only where the thief would finish the chunk before the owner finishes
+    the work it already has (its running call, then its queued images): an idle T4 (speed 0.25)
+    that took an H100's next call of 8 would finish it after the H100 had done both of its own.
+    """
+    if not owner.healthy or not owner.worker_alive:
+        return True
+    owner_finish = call_cost(owner, owner.running_images) + call_cost(owner, owner.queued_images)
+    return call_cost(thief, images) < owner_finish
+
+
 def even_sizes(count: int, parts: int) -> list[int]:
     base, extra = divmod(count, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]

@@ -2,8 +2,9 @@
 
 Queue layout (work-conserving in RQ's own terms):
 - every device has a queue ``gpu.<device id>`` that the scheduler fills by policy;
-- every worker reads its own queue first and then every other device's queue, so an idle worker
-  steals and a dead or unhealthy device's queue drains into the others;
+- every worker reads its own queue first and then the other devices' queues where stealing pays
+  (policies.steal_pays: always from a dead or unhealthy device, from a busy one only where the
+  thief would finish the call sooner), so an idle worker helps and a bad device's queue drains;
 - jobs pinned to a device by an explicit choice sit on ``gpu.<device id>.pinned``, which only
   that device's worker reads.
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from gpuscheduler.conf import gpu_config, lease, samples_config
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
-from gpuscheduler.policies import DeviceView, Limits
+from gpuscheduler.policies import DeviceView, Limits, steal_pays
 
 
 def latest_snapshots(device_ids: list[int] | None = None) -> dict[int, Snapshot]:
@@ -97,6 +97,29 @@ def device_views(devices: list[Device] | None = None) -> list[DeviceView]:
             )
         )
     return views
+
+
+def steal_sources(thief_id: int) -> set[int]:
+    """The devices whose queue the idle worker of `thief_id` should take work from now.
+
+    The size of a device's next call is not known before the pop; its largest queued chunk
+    stands for it, so a slow thief errs towards leaving work to a fast owner.
+    """
+    views = {view.id: view for view in device_views()}
+    thief = views.get(thief_id)
+    if thief is None:
+        return set()
+    largest = (
+        Assignment.objects.filter(state=AssignmentState.QUEUED, pinned=False)
+        .exclude(planned_device=thief_id)
+        .values("planned_device")
+        .annotate(size=Max("image_count"))
+    )
+    return {
+        row["planned_device"]
+        for row in largest
+        if row["planned_device"] in views and steal_pays(thief, views[row["planned_device"]], int(row["size"]))
+    }
 
 
 def placement_sequence() -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
@@ -50,7 +50,7 @@ from gpuscheduler.models import (
     Health,
     WorkerState,
 )
-from gpuscheduler.selectors import device_has_pending_work
+from gpuscheduler.selectors import device_has_pending_work, steal_sources
 from gpuscheduler.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Heartbeat(threading.Thread):
 
 
 class GpuWorker(SimpleWorker):
-    """A SimpleWorker bound to one device, reading its own queues first, then every other's."""
+    """A SimpleWorker bound to one device, reading its own queues first, then others where stealing pays."""
 
     def __init__(self, context: WorkerContext, *, connection: redis.Redis) -> None:
         self.context = context
@@ -239,11 +239,15 @@ class GpuWorker(SimpleWorker):
                         return None
                     time.sleep(DEQUEUE_POLL_SECONDS)
                     continue
-                # Own queues first, then steal from the others without blocking, then block on
-                # the own queues only: an idle worker steals within a second, but a job placed
-                # on an idle device's queue wakes that device's worker, not a thief.
+                # Own queues first, then steal without blocking from the devices where that
+                # pays, then block on the own queues only: an idle worker steals within a
+                # second, but a job placed on an idle device's queue wakes that device's worker,
+                # not a thief, and a slow GPU leaves a fast one's next call to it.
                 own, others = self._ordered_queues[:2], self._ordered_queues[2:]
-                result = self._pop(own, None) or (self._pop(others, None) if others else None)
+                result = self._pop(own, None)
+                if result is None and others:
+                    worth = self._worth_stealing(others)
+                    result = self._pop(worth, None) if worth else None
                 if result is None and not burst:
                     result = self._pop(own, DEQUEUE_POLL_SECONDS)
                 backoff = 1.0
@@ -279,6 +283,19 @@ class GpuWorker(SimpleWorker):
             job, queue = result
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
         return result
+
+    def _worth_stealing(self, others: list[Queue]) -> list[Queue]:
+        """The other devices' queues this idle worker should steal from (GPU_STEAL, policies.steal_pays)."""
+        if gpu_config()["STEAL"] == "always":
+            return others
+        try:
+            sources = {queues.device_queue_name(pk) for pk in steal_sources(self.context.device.pk)}
+        except DatabaseError:
+            # Without the database there is no estimate; taking work beats leaving GPUs idle.
+            log.exception("could not estimate which queues to steal from; reading them all")
+            close_old_connections()
+            return others
+        return [queue for queue in others if queue.name in sources]
 
     def work_remains(self) -> bool:
         """Burst mode: is there queued work this worker may run (now or once re-enqueued)?"""

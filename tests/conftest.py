@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import pytest
 import redis as redis_lib
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission, User
+from hypothesis import settings as hypothesis_settings
 
 from gpuscheduler.backends import DeviceInfo
 from gpuscheduler.models import Device, DeviceKind, Health
@@ -18,10 +20,18 @@ from tests.processes import Processes, base_env, wait_for
 
 _counter = itertools.count(1)
 
+# Hypothesis: the suite (and CI) replays the same examples every run, so a red build is reproducible
+# and never depends on luck; `HYPOTHESIS_PROFILE=explore make test` searches far wider with fresh
+# random examples each time (run it after touching validation; a failure it finds becomes an @example).
+hypothesis_settings.register_profile("suite", max_examples=40, derandomize=True, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("explore", max_examples=1000, deadline=None, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
 # Environment variable -> (settings dict, key): children read the variable, the test process the dict.
 SETTING_KEYS = {
     "GPU_SIMULATED": ("GPUSCHEDULER", "SIMULATED"),
     "GPU_POLICY": ("GPUSCHEDULER", "POLICY"),
+    "GPU_STEAL": ("GPUSCHEDULER", "STEAL"),
     "GPU_LEASE_SECONDS": ("GPUSCHEDULER", "LEASE_SECONDS"),
     "GPU_HEARTBEAT_INTERVAL": ("GPUSCHEDULER", "HEARTBEAT_INTERVAL"),
     "GPU_WATCHDOG_GRACE": ("GPUSCHEDULER", "WATCHDOG_GRACE"),

@@ -41,9 +41,8 @@ HUGE = st.text(min_size=1, max_size=8, alphabet="ab🙂\u202e/.\x00").map(lambda
 TEXT = st.one_of(NASTY, st.text(max_size=40), HUGE)
 COUNTS = st.one_of(NASTY, st.integers(min_value=-(10**30), max_value=10**30).map(str), st.text(max_size=12))
 SAFE_PATH = re.compile(r"^samples/persona-\d+/r\d+-i\d+-a\d+\.png$")
-FAST = hypothesis_settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-)
+# Example counts and randomness come from the profile chosen in conftest.py (HYPOTHESIS_PROFILE).
+FAST = hypothesis_settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @FAST
@@ -63,11 +62,21 @@ def test_generate_button_answers_hostile_input_with_a_message_never_a_500(
 @given(name=TEXT, slug=TEXT, prompt=TEXT, negative=TEXT)
 @example(name="../../etc/passwd \u202e🙂", slug="evil-slug", prompt="a portrait ../ \u202e 🙂", negative="../")
 @example(name="🚀" * 150, slug="rocket", prompt="x" * 2000, negative="%00 <script>")
+@example(name=" 4 ", slug=" 4 ", prompt="\x11P", negative="-1")
 def test_persona_form_rejects_or_stores_hostile_text_and_image_paths_stay_ours(
     admin_client, device_factory, name, slug, prompt, negative
 ):
     device = device_factory("H100")
-    before = Persona.objects.count()
+    existing = set(Persona.objects.values_list("pk", flat=True))
+    try:
+        post_persona_and_check_it(admin_client, device, len(existing), name, slug, prompt, negative)
+    finally:
+        # Every example starts from the same database: an earlier example's slug must not turn
+        # this one's success into "slug already exists" when Hypothesis replays a failure.
+        Persona.objects.exclude(pk__in=existing).delete()
+
+
+def post_persona_and_check_it(admin_client, device, before, name, slug, prompt, negative) -> None:
     response = admin_client.post(
         reverse("admin:personas_persona_add"),
         {
@@ -85,7 +94,7 @@ def test_persona_form_rejects_or_stores_hostile_text_and_image_paths_stay_ours(
         assert Persona.objects.count() == before, "a rejected form writes nothing"
         return
     persona = Persona.objects.latest("pk")
-    assert persona.name == name
+    assert persona.name == name.strip(), "Django's CharField strips surrounding whitespace and keeps the rest"
     assert re.fullmatch(r"[a-z0-9]+(?:-[a-z0-9]+)*", persona.slug)
     make_one_image(persona, device)
     media = Path(settings.MEDIA_ROOT).resolve()

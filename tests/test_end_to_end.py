@@ -1,4 +1,4 @@
-"""The whole path: admin button -> Redis -> two real gpuworker processes -> PNG files and rows."""
+"""The whole path: admin button -> Redis -> real gpuworker processes -> PNG files and rows."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from PIL import Image
 
 from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
 from personas.models import RequestState, SampleImage, SampleRequest
+from personas.services import sample_request_submit
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -50,3 +51,25 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     assert {image.device_id for image in images} == {a.device_id for a in succeeded}
     wait_for(lambda: Snapshot.objects.values("device").distinct().count() == 2, 10, "snapshots of both devices")
     assert "recovery:" not in cluster.logs(), "the happy path needs no abandoning or re-enqueueing"
+
+
+def test_a_slow_gpu_leaves_the_next_call_of_a_busy_fast_gpu_to_it(cluster, persona_factory):
+    # fast makes an image in 0.5 s, slow in 5 s: the second request's image, queued behind the
+    # first request's 2-second call on fast, is done sooner by waiting than by slow stealing it.
+    cluster.configure(GPU_SIMULATED="fast,slow:0.1", SAMPLES_MODEL="simulated:0.5")
+    cluster.start_workers(expect=2)
+    fast = Device.objects.get(name="fast")
+
+    first = sample_request_submit(persona=persona_factory(), count=4).request
+    second = sample_request_submit(persona=persona_factory(), count=1).request
+
+    planned = Assignment.objects.filter(request__in=[first, second]).values_list("planned_device", flat=True)
+    assert set(planned) == {fast.pk}, "placement counts speed: both requests go to fast"
+    for request in (first, second):
+        wait_for(
+            lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED,
+            60,
+            lambda: f"request {request.pk} to succeed\n{cluster.logs()}",
+        )
+    ran_on = Assignment.objects.filter(request__in=[first, second]).values_list("device__name", "state")
+    assert sorted(ran_on) == [("fast", AssignmentState.SUCCEEDED)] * 2, cluster.logs()

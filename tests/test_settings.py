@@ -288,6 +288,14 @@ def test_an_unknown_backend_is_error_e002(gpu):
     assert ids(check_settings()) == ["gpuscheduler.E002"]
 
 
+def test_an_unknown_stealing_rule_is_error_e007(gpu):
+    gpu(STEAL="sometimes")
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E007"
+    assert "GPU_STEAL='sometimes'" in problem.msg
+    assert "speed, always" in problem.hint
+
+
 @pytest.mark.parametrize("model", ["", "not a model!", "simulated:fast", "simulated:-1", "a/b/c", "owner/"])
 def test_a_bad_samples_model_is_error_e003(samples, model):
     samples(MODEL=model)

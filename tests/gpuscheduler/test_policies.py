@@ -19,6 +19,7 @@ from gpuscheduler.policies import (
     plan_chunks,
     plan_pinned,
     round_robin,
+    steal_pays,
 )
 
 LIMITS = Limits(max_temperature=85.0, min_free_memory=2 * GIB)
@@ -223,6 +224,39 @@ def test_a_split_does_not_wait_behind_a_long_backlog():
 def test_a_fast_device_takes_all_when_splitting_to_a_slow_one_would_not_help():
     ranked = balanced([linear(1, speed=4.0), linear(2, speed=0.25)])
     assert sizes(plan_chunks(4, ranked, max_batch=16)) == [(1, 0, 4)]
+
+
+# --- steal_pays: when an idle worker takes another device's queued call -----------------------
+
+
+def test_a_slow_gpu_leaves_a_busy_fast_gpus_next_call_alone():
+    # The H100 finishes its running call and this one in 2 units; the T4 would need 4.
+    h100 = gpu(1, running_images=8, queued_images=8)
+    t4 = gpu(2, label="GPU 2 T4", speed=0.25)
+    assert not steal_pays(t4, h100, 8)
+
+
+def test_a_slow_gpu_steals_once_the_fast_gpus_backlog_is_deep_enough():
+    h100 = gpu(1, running_images=8, queued_images=40)
+    t4 = gpu(2, label="GPU 2 T4", speed=0.25)
+    assert steal_pays(t4, h100, 8)
+
+
+def test_an_idle_twin_takes_the_call_waiting_behind_a_running_one():
+    assert steal_pays(gpu(2), gpu(1, running_images=1, queued_images=1), 1)
+
+
+def test_nobody_steals_the_call_an_idle_owner_is_about_to_take():
+    assert not steal_pays(linear(2), linear(1, queued_images=3), 3)
+
+
+def test_an_idle_twin_takes_half_of_an_idle_owners_two_calls():
+    assert steal_pays(gpu(2), gpu(1, queued_images=16), 8)
+
+
+@pytest.mark.parametrize("owner", [gpu(1, healthy=False, queued_images=8), gpu(1, worker_alive=False, queued_images=8)])
+def test_work_waiting_on_a_device_that_cannot_run_it_is_always_taken(owner):
+    assert steal_pays(gpu(2, speed=0.01), owner, 8)
 
 
 def test_chunks_carry_the_reason_of_their_device():

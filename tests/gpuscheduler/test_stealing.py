@@ -1,0 +1,64 @@
+"""Which queues an idle worker steals from, read from the database (selectors.steal_sources)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gpuscheduler.assignments import assignment_claim
+from gpuscheduler.models import Assignment, AssignmentState, Device
+from gpuscheduler.queues import device_queue_name
+from gpuscheduler.selectors import steal_sources
+from gpuscheduler.worker import GpuWorker, WorkerContext
+from personas.services import sample_request_submit
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fast_busy_gpu(device_factory, persona_factory):
+    """A fast device running a call of 4 images with a call of 1 queued behind it."""
+    fast = device_factory("fast", worker=True, speed=1.0)
+    first = sample_request_submit(persona=persona_factory(), count=4, enqueue=False).assignments
+    assert [a.planned_device_id for a in first] == [fast.pk]
+    assert assignment_claim(assignment_id=first[0].pk, device=fast, worker_name="w", host="testhost", timeout=60)
+    second = sample_request_submit(persona=persona_factory(), count=1, enqueue=False).assignments
+    assert [(a.planned_device_id, a.state) for a in second] == [(fast.pk, AssignmentState.QUEUED)]
+    return fast
+
+
+def test_a_slow_device_does_not_steal_from_a_busy_fast_one(fast_busy_gpu, device_factory):
+    slow = device_factory("slow", worker=True, speed=0.1)
+    assert steal_sources(slow.pk) == set()
+
+
+def test_an_equally_fast_device_steals_the_call_waiting_behind_a_running_one(fast_busy_gpu, device_factory):
+    twin = device_factory("twin", worker=True, speed=1.0)
+    assert steal_sources(twin.pk) == {fast_busy_gpu.pk}
+
+
+def test_a_slow_device_steals_from_a_fast_one_whose_worker_is_gone(fast_busy_gpu, device_factory):
+    slow = device_factory("slow", worker=True, speed=0.1)
+    Device.objects.filter(pk=fast_busy_gpu.pk).update(worker_seen_at=timezone.now() - timedelta(minutes=5))
+    assert steal_sources(slow.pk) == {fast_busy_gpu.pk}
+
+
+def test_pinned_work_is_never_a_steal_source(fast_busy_gpu, device_factory):
+    twin = device_factory("twin", worker=True, speed=1.0)
+    Assignment.objects.filter(state=AssignmentState.QUEUED).update(pinned=True)
+    assert steal_sources(twin.pk) == set()
+
+
+@pytest.mark.parametrize(("rule", "steals"), [("speed", False), ("always", True)])
+def test_the_worker_reads_the_queues_its_stealing_rule_allows(
+    fast_busy_gpu, device_factory, redis_db, settings, rule, steals
+):
+    settings.GPUSCHEDULER = {**settings.GPUSCHEDULER, "STEAL": rule}
+    slow = device_factory("slow", worker=True, speed=0.1)
+    context = WorkerContext(device=slow, name="slow-worker", host="testhost", generator=None)
+    worker = GpuWorker(context, connection=redis_db)
+    others = worker.queues[2:]
+    assert [queue.name for queue in others] == [device_queue_name(fast_busy_gpu.pk)]
+    assert worker._worth_stealing(others) == (others if steals else [])
