@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -134,11 +135,18 @@ def assignments_place(
     return created
 
 
-def enqueue_on_commit(assignments: list[Assignment]) -> None:
+def enqueue_on_commit(assignments: list[Assignment], on_done: Callable[[int], None] | None = None) -> None:
+    """Once the transaction commits, enqueue these attempts in image order (Assignment's default
+    ordering is newest first, which would queue the last images first); `on_done` gets how many
+    reached Redis."""
     ids = [a.pk for a in assignments]
-    transaction.on_commit(
-        lambda: queues.enqueue_assignments(list(Assignment.objects.filter(pk__in=ids).order_by("first_index", "pk")))
-    )
+
+    def enqueue() -> None:
+        done = queues.enqueue_assignments(list(Assignment.objects.filter(pk__in=ids).order_by("first_index", "pk")))
+        if on_done is not None:
+            on_done(done)
+
+    transaction.on_commit(enqueue)
 
 
 # --- the life of one attempt ------------------------------------------------------------------------
@@ -368,6 +376,19 @@ class RecoveryReport:
         return bool(self.abandoned or self.requeued or self.repaired_requests)
 
 
+# Every idle worker and gpumonitor offer to reconcile this often; one of them, cluster-wide, does.
+RECOVERY_SECONDS = 2.0
+
+
+def assignments_recover_in_turn() -> RecoveryReport | None:
+    """Reconcile unless another process (gpumonitor, or a worker on any host) did so within
+    RECOVERY_SECONDS; None when it was not this caller's turn. Recovery then keeps working when
+    the monitor is down, without N workers each scanning every queue every 2 s."""
+    if not queues.take_turn("recover", RECOVERY_SECONDS):
+        return None
+    return assignments_recover()
+
+
 def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5.0) -> RecoveryReport:
     """Find attempts whose worker died or hung, and jobs Redis lost; re-run them exactly once.
 
@@ -428,26 +449,24 @@ def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
         return []
     try:
         connection = queues.redis_connection()
-        present: dict[str, set[str]] = {}
-        for name in {a.queue_name for a in waiting}:
-            present[name] = queues.queue_job_ids(name, connection)
-        requeued = []
-        for assignment in waiting:
-            if assignment.job_id in present[assignment.queue_name]:
-                continue
-            fresh = Assignment.objects.filter(pk=assignment.pk, state=AssignmentState.QUEUED).first()
-            # Skip what was (re-)enqueued within the grace: it may have been popped a moment ago
-            # and be about to be claimed. A job popped earlier and never claimed (its worker died
-            # in between, or handed it on) is enqueued again; a second copy cannot be claimed twice.
-            if fresh is None or (fresh.enqueued_at is not None and fresh.enqueued_at > now - grace):
-                continue
-            queues.enqueue_assignment(fresh, connection)
-            Assignment.objects.filter(pk=fresh.pk).update(enqueued_at=timezone.now())
-            requeued.append(fresh.job_id)
-        return requeued
+        present = {name: queues.queue_job_ids(name, connection) for name in {a.queue_name for a in waiting}}
     except queues.REDIS_ERRORS as exc:
         log.info("reconciler: Redis unavailable (%s); will retry", exc)
         return []
+    missing = [a.pk for a in waiting if a.job_id not in present[a.queue_name]]
+    if not missing:
+        return []
+    # Read again, in one query, what is still queued: skip what was (re-)enqueued within the
+    # grace, which may have been popped a moment ago and be about to be claimed. A job popped
+    # earlier and never claimed (its worker died in between, or handed it on) is enqueued again;
+    # a second copy cannot be claimed twice.
+    fresh = list(
+        Assignment.objects.filter(pk__in=missing, state=AssignmentState.QUEUED)
+        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lte=now - grace))
+        .order_by("id")
+    )
+    done = queues.enqueue_assignments(fresh)
+    return [a.job_id for a in fresh[:done]]
 
 
 def _repair_requests() -> list[int]:

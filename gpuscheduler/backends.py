@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,7 +53,9 @@ class Backend(Protocol):
 
     def devices(self) -> list[DeviceInfo]: ...
 
-    def read(self) -> list[Reading]: ...
+    def read(self, uuids: Collection[str] | None = None) -> list[Reading]:
+        """A reading of every device, or only of those in `uuids` (a worker reads its own)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -68,7 +71,9 @@ class CpuBackend:
     def devices(self) -> list[DeviceInfo]:
         return [DeviceInfo(uuid=CPU_UUID, name="CPU", kind="cpu", index=None, memory_total=_host_memory()[0])]
 
-    def read(self) -> list[Reading]:
+    def read(self, uuids: Collection[str] | None = None) -> list[Reading]:
+        if uuids is not None and CPU_UUID not in uuids:
+            return []
         total, available = _host_memory()
         load = None
         with contextlib.suppress(OSError):

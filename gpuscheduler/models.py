@@ -177,8 +177,9 @@ class Assignment(models.Model):
         return f"{self.job_id} ({self.get_state_display()})"
 
     @property
-    def last_index(self) -> int:
-        return self.first_index + self.image_count - 1
+    def indexes(self) -> range:
+        """The request's image indexes this attempt makes."""
+        return range(self.first_index, self.first_index + self.image_count)
 
     @property
     def images_label(self) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
@@ -99,8 +99,8 @@ class NvmlBackend:
     def _memory_total(self, handle: Any) -> int:
         return int(self.nv.nvmlDeviceGetMemoryInfo(handle).total)
 
-    def read(self) -> list[Reading]:
-        return [self._read_one(info) for info in self.devices()]
+    def read(self, uuids: Collection[str] | None = None) -> list[Reading]:
+        return [self._read_one(info) for info in self.devices() if uuids is None or info.uuid in uuids]
 
     def _read_one(self, info: DeviceInfo) -> Reading:
         handle = self._handles[info.uuid]

@@ -15,6 +15,7 @@ every execution starts with an atomic claim of that row, so a job delivered twic
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 
 import redis
@@ -73,7 +74,7 @@ def enqueue_assignments(assignments: list[Assignment]) -> int:
     """Enqueue what can be enqueued now; return how many reached Redis.
 
     A Redis outage is not an error here: the rows stay QUEUED with no `enqueued_at`, and the
-    reconciler (gpuscheduler.services.assignments_recover) enqueues them once Redis answers.
+    reconciler (gpuscheduler.assignments.assignments_recover) enqueues them once Redis answers.
     """
     done = 0
     try:
@@ -87,17 +88,34 @@ def enqueue_assignments(assignments: list[Assignment]) -> int:
     return done
 
 
-def queue_job_ids(name: str, connection: redis.Redis) -> set[str]:
-    return {jid.decode() if isinstance(jid, bytes) else jid for jid in connection.lrange(f"rq:queue:{name}", 0, -1)}
+def take_turn(name: str, seconds: float, connection: redis.Redis | None = None) -> bool:
+    """True for one caller per `seconds` among all processes sharing this Redis (SET NX EX).
 
-
-def queue_depths(names: list[str]) -> dict[str, int | None]:
-    """Jobs waiting in each queue; None for every queue when Redis is down."""
+    Also True while Redis is down: a turn is an economy, never a reason to skip the work.
+    """
     try:
-        connection = redis_connection()
+        connection = connection or redis_connection()
+        return bool(connection.set(f"gpuscheduler:turn:{name}", os.getpid(), nx=True, px=int(seconds * 1000)))
+    except REDIS_ERRORS:
+        return True
+
+
+def queue_key(name: str) -> str:
+    """The Redis list that holds a queue's job ids (rq's own naming)."""
+    return Queue.redis_queue_namespace_prefix + name
+
+
+def queue_job_ids(name: str, connection: redis.Redis) -> set[str]:
+    return {jid.decode() if isinstance(jid, bytes) else jid for jid in connection.lrange(queue_key(name), 0, -1)}
+
+
+def queue_depths(names: list[str], connection: redis.Redis | None = None) -> dict[str, int | None]:
+    """Jobs waiting in each queue, in one round trip; None for every queue when Redis is down."""
+    try:
+        connection = connection or redis_connection()
         with connection.pipeline() as pipe:
             for name in names:
-                pipe.llen(f"rq:queue:{name}")
+                pipe.llen(queue_key(name))
             lengths = pipe.execute()
     except REDIS_ERRORS:
         return dict.fromkeys(names)
@@ -107,6 +125,6 @@ def queue_depths(names: list[str]) -> dict[str, int | None]:
 def cancel_job(job_id: str, queue_name: str) -> None:
     """Take a job off its queue (best effort: a job that runs anyway finds its row cancelled)."""
     try:
-        redis_connection().lrem(f"rq:queue:{queue_name}", 0, job_id)
+        redis_connection().lrem(queue_key(queue_name), 0, job_id)
     except REDIS_ERRORS as exc:
         log.info("could not remove job %s from Redis (%s); its claim will fail instead", job_id, exc)

@@ -143,7 +143,7 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
     if exact:
         return exact
     if len(text) >= 6:
-        matches = list(Device.objects.filter(uuid__icontains=text)[:2])
+        matches = list(Device.objects.filter(uuid__istartswith=text)[:2])
         if len(matches) == 1:
             return matches[0]
     return None

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +184,14 @@ class SimulatedBackend:
     def close(self) -> None:
         pass
 
-    def read(self) -> list[Reading]:
+    def read(self, uuids: Collection[str] | None = None) -> list[Reading]:
         state = read_state()
         now = time.time()
-        return [self._read_one(info, state.get(info.uuid, {}), now) for info in self._infos]
+        return [
+            self._read_one(info, state.get(info.uuid, {}), now)
+            for info in self._infos
+            if uuids is None or info.uuid in uuids
+        ]
 
     @staticmethod
     def _read_one(info: DeviceInfo, entry: dict[str, Any], now: float) -> Reading:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from django.conf import settings
@@ -34,26 +34,21 @@ class Child:
     started: float = 0.0
     pause: float = MIN_RESTART_PAUSE
     restart_at: float = 0.0
-    restarts: int = 0
     done: bool = False
-    exits: list[int] = field(default_factory=list)
 
 
 class Supervisor:
-    def __init__(
-        self, devices: list[DeviceInfo], *, burst: bool = False, extra_env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, devices: list[DeviceInfo], *, burst: bool = False) -> None:
         self.children = [Child(info) for info in devices]
         self.burst = burst
         self.stopping = 0
-        self.extra_env = extra_env or {}
 
     def command(self, info: DeviceInfo) -> list[str]:
         args = [sys.executable, str(settings.BASE_DIR / "manage.py"), "gpuworker", "--device", info.uuid]
         return args + (["--burst"] if self.burst else [])
 
     def environment(self, info: DeviceInfo) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env}
+        env = dict(os.environ)
         if info.kind != "cuda" and "OMP_NUM_THREADS" not in os.environ:
             # CPU and simulated workers share this machine's cores: give each its part, or
             # every torch process would start one thread per core and they would fight.
@@ -94,11 +89,9 @@ class Supervisor:
                     if code is None:
                         running += 1
                         continue
-                    child.exits.append(code)
                     child.process = None
                     self._after_exit(child, code, now)
                 if child.process is None and not child.done and not self.stopping and now >= child.restart_at:
-                    child.restarts += 1
                     self.start(child)
                     running += 1
                 elif not child.done and not self.stopping:

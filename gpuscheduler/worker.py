@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 DEQUEUE_POLL_SECONDS = 1  # the longest a worker blocks on Redis before it looks at its device again
 QUEUE_REFRESH_SECONDS = 10.0
-RECOVERY_SECONDS = 2.0
 CANARY_FIRST_PAUSE, CANARY_MAX_PAUSE = 5.0, 300.0
 
 
@@ -288,6 +287,11 @@ class GpuWorker(SimpleWorker):
         """The other devices' queues this idle worker should steal from (GPU_STEAL, policies.steal_pays)."""
         if gpu_config()["STEAL"] == "always":
             return others
+        # Idle workers poll every second: ask the database only when some other queue holds work.
+        depths = queues.queue_depths([queue.name for queue in others], self.connection)
+        others = [queue for queue in others if depths[queue.name]]
+        if not others:
+            return []
         try:
             sources = {queues.device_queue_name(pk) for pk in steal_sources(self.context.device.pk)}
         except DatabaseError:
@@ -319,7 +323,7 @@ class GpuWorker(SimpleWorker):
         device = self.context.device
         reading = None
         if self.context.backend is not None:
-            reading = next((r for r in self.context.backend.read() if r.uuid == device.uuid), None)
+            reading = next(iter(self.context.backend.read([device.uuid])), None)
         if reading is not None:
             scheduler.device_observe(device=device, reading=reading)
         else:
@@ -335,9 +339,9 @@ class GpuWorker(SimpleWorker):
                 self._canary_pause = min(self._canary_pause * 2, CANARY_MAX_PAUSE)
         if now - self._last_queue_refresh > QUEUE_REFRESH_SECONDS:
             self.refresh_queues()
-        if now - self._last_recovery > RECOVERY_SECONDS:
+        if now - self._last_recovery > assignments.RECOVERY_SECONDS:
             self._last_recovery = now
-            assignments.assignments_recover()
+            assignments.assignments_recover_in_turn()
         admitted = device.health == Health.HEALTHY
         self.idle_state = WorkerState.IDLE if admitted else WorkerState.PAUSED
         return admitted

@@ -22,7 +22,7 @@ from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
 from personas.forms import GenerateSamplesForm, PersonaAdminForm
-from personas.models import Persona, RequestSource, RequestState, SampleImage, SampleRequest
+from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestSource, RequestState, SampleImage, SampleRequest
 from personas.selectors import persona_gallery, persona_latest_request, request_progress
 from personas.services import (
     RequestAlreadyActive,
@@ -71,7 +71,7 @@ class ActiveRequestFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Persona]) -> QuerySet[Persona]:
         if self.value() == "active":
-            return queryset.filter(requests__state__in=["queued", "running"]).distinct()
+            return queryset.filter(requests__state__in=ACTIVE_REQUEST_STATES).distinct()
         if self.value() == "none":
             return queryset.filter(sample_images__isnull=True)
         return queryset
@@ -95,7 +95,12 @@ class PersonaAdmin(OutOfRangeLookupMixin):
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Persona]:
-        return super().get_queryset(request).annotate(image_total=Count("sample_images", distinct=True))
+        queryset = super().get_queryset(request)
+        # Only the list shows the count; the change page and its 1.5 s progress poll need no GROUP BY.
+        match = getattr(request, "resolver_match", None)
+        if match is not None and match.url_name == f"{self.opts.app_label}_{self.opts.model_name}_changelist":
+            queryset = queryset.annotate(image_total=Count("sample_images", distinct=True))
+        return queryset
 
     @admin.display(description="Images", ordering="image_total")
     def image_total(self, obj: Persona) -> int:

@@ -38,8 +38,9 @@ class WaitReport:
 
     @classmethod
     def from_requests(cls, requests: list[SampleRequest], *, finished: bool, timed_out: bool = False) -> WaitReport:
-        for request in requests:
-            request.refresh_from_db()
+        # One reload for every request, with its persona (the report names each one's slug).
+        fresh = SampleRequest.objects.select_related("persona").in_bulk([r.pk for r in requests])
+        requests = [fresh[r.pk] for r in requests]
         images = list(
             SampleImage.objects.filter(request__in=requests)
             .select_related("persona", "device")

@@ -125,14 +125,8 @@ def sample_request_submit(
             tally[labels[a.planned_device_id].label] += a.image_count
         submitted.by_device = dict(sorted(tally.items()))
 
-        def enqueue_now() -> None:
-            submitted.enqueued = queues.enqueue_assignments(
-                # Image order: Assignment's default ordering is newest first, which queued the last images first.
-                list(Assignment.objects.filter(pk__in=[a.pk for a in assignments]).order_by("first_index", "pk"))
-            )
-
         if enqueue:
-            transaction.on_commit(enqueue_now)
+            scheduler.enqueue_on_commit(assignments, on_done=lambda done: setattr(submitted, "enqueued", done))
     log.info("request %s: %s", request.pk, submitted.summary())
     return submitted
 
@@ -213,7 +207,7 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
         return 0
     media = Path(settings.MEDIA_ROOT)
     removed = 0
-    for index in range(assignment.first_index, assignment.first_index + assignment.image_count):
+    for index in assignment.indexes:
         name = sample_image_path(
             persona_id=assignment.request.persona_id,
             request_id=assignment.request_id,
@@ -330,9 +324,7 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
         return {"assignment": assignment_id, "skipped": True}
     request = SampleRequest.objects.select_related("persona").get(pk=assignment.request_id)
     sample_request_mark_started(request_id=request.pk)
-    seeds = [
-        request.seed_for(i) for i in range(assignment.first_index, assignment.first_index + assignment.image_count)
-    ]
+    seeds = [request.seed_for(i) for i in assignment.indexes]
     with context.running(assignment):
         started = time.monotonic()
         try:

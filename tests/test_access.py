@@ -116,7 +116,9 @@ def test_an_allowed_press_queues_jobs_that_carry_only_an_id(world, user_factory)
     request = SampleRequest.objects.get(persona=world["idle"])
     assert request.state == RequestState.QUEUED
     redis = world["redis"]
-    for assignment in Assignment.objects.filter(request=request):
+    assignments = list(Assignment.objects.filter(request=request))
+    assert len(assignments) == request.count == 2, "a 2-image press on linear devices is one job per device"
+    for assignment in assignments:
         job = Job.fetch(assignment.job_id, connection=redis)
         assert job.func_name == "personas.jobs.generate_samples"
         assert job.args == (assignment.pk,) and type(job.args[0]) is int

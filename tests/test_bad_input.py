@@ -104,6 +104,15 @@ def post_persona_and_check_it(admin_client, device, before, name, slug, prompt, 
         assert (media / image.image.name).resolve().is_relative_to(media)
 
 
+def test_a_hostile_but_valid_persona_is_stored_and_its_image_path_is_ours(admin_client, device_factory):
+    # The property above returns early for every rejected form: make sure the stored path is checked.
+    name = "../../etc/passwd \u202e🙂"
+    post_persona_and_check_it(admin_client, device_factory("H100"), 0, name, "evil-slug", "a portrait ../", "../")
+    persona = Persona.objects.get(slug="evil-slug")
+    assert persona.name == name
+    assert SampleImage.objects.filter(persona=persona).count() == 1
+
+
 def make_one_image(persona: Persona, device) -> None:
     settings.SAMPLES = {**settings.SAMPLES, "MODEL": "simulated:0"}
     submitted = sample_request_submit(persona=persona, count=1, device=device, enqueue=False, require_worker=False)
@@ -130,6 +139,9 @@ def test_regenerate_samples_turns_hostile_options_into_command_errors(
         call_command("regenerate_samples", *args, stdout=StringIO(), stderr=StringIO())
     except CommandError as exc:
         assert str(exc) and "Traceback" not in str(exc)
+    else:
+        # Accepted only where the options are good: the persona named and a count (if any) in range.
+        assert persona_arg.strip() in (persona.slug, str(persona.pk)), persona_arg
     assert not SampleRequest.objects.exists(), "a dry run writes nothing, a refused one neither"
 
 

@@ -15,6 +15,7 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from gpuscheduler import simulated
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device, Health
@@ -163,9 +164,13 @@ def test_attempt_frozen_while_its_retry_runs_keeps_only_one_set_of_images(cluste
         )
     finally:
         os.killpg(process.pid, signal.SIGCONT)
+        thawed = timezone.now()
     # The first attempt wakes up, finds its lease gone and drops its work; its worker lives on.
+    # (The reconciler already cleared current_assignment: wait for the thawed worker itself.)
     wait_for(
-        lambda: Device.objects.get(uuid=frozen.device.uuid).current_assignment_id is None,
+        lambda: Device.objects.filter(
+            uuid=frozen.device.uuid, worker_seen_at__gt=thawed, worker_state="idle", current_assignment=None
+        ).exists(),
         15,
         lambda: f"the thawed worker to give up the abandoned attempt\n{cluster.logs()}",
     )

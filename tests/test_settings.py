@@ -341,8 +341,9 @@ def test_a_web_host_without_the_model_still_passes_manage_py_check(samples):
         call_command("check", stdout=StringIO(), stderr=StringIO())
 
 
-def test_zero_batch_or_request_size_is_error_e004(samples):
-    samples(MAX_BATCH=0)
+@pytest.mark.parametrize("option", ["MAX_BATCH", "MAX_PER_REQUEST"])
+def test_zero_batch_or_request_size_is_error_e004(samples, option):
+    samples(**{option: 0})
     assert ids(check_settings()) == ["gpuscheduler.E004"]
 
 

@@ -35,7 +35,7 @@ def test_rendering_every_admin_page_imports_no_torch(
         "DJANGO_ALLOWED_HOSTS": "testserver",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "tests.web_probe", admin_user.username],
+        [sys.executable, "-m", "tests.web_probe", admin_user.username, str(persona.pk)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -48,5 +48,10 @@ def test_rendering_every_admin_page_imports_no_torch(
     assert not failures, failures
     change_url = reverse("admin:personas_persona_change", args=[persona.pk])
     assert change_url in report["statuses"], "the crawl reached the persona page"
+    for polled in (
+        reverse("admin:personas_persona_progress", args=[persona.pk]),
+        reverse("admin:gpuscheduler_gpustatuspage_data") + "?fragments=1",
+    ):
+        assert report["statuses"].get(polled) == 200, f"{polled} was fetched and answered"
     assert report["pages"] > 20
     assert report["heavy_modules"] == [], report["heavy_modules"]

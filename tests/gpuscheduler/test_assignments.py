@@ -16,6 +16,7 @@ from gpuscheduler.assignments import (
     assignment_fail,
     assignments_place,
     assignments_recover,
+    assignments_recover_in_turn,
 )
 from gpuscheduler.models import Assignment, AssignmentState, Health, Snapshot
 from gpuscheduler.services import snapshots_compact
@@ -223,3 +224,17 @@ def test_compaction_of_a_long_backlog_is_spread_over_calls(device_factory, djang
         total += folded
     assert not Snapshot.objects.filter(bucket_seconds=0).exists()
     assert Snapshot.objects.filter(bucket_seconds=60).count() == 3 * 50
+
+
+def test_one_process_per_interval_reconciles_and_the_next_after_it(persona, three_gpus, redis_db):
+    request = sample_request_submit(persona=persona, count=1).request
+    redis_db.flushdb()  # the job is lost; recovery puts it back once it is someone's turn
+    earlier = timezone.now() - timedelta(seconds=30)
+    Assignment.objects.filter(request=request).update(queued_at=earlier, enqueued_at=earlier)
+
+    first, second = assignments_recover_in_turn(), assignments_recover_in_turn()
+
+    assert first is not None and len(first.requeued) == 1
+    assert second is None, "another process reconciled a moment ago"
+    redis_db.delete("gpuscheduler:turn:recover")  # the interval has passed
+    assert assignments_recover_in_turn() is not None

@@ -353,3 +353,18 @@ def test_snapshots_record_marks_a_hot_gpu_unhealthy_with_the_reason(db, settings
     hot = Device.objects.get(uuid="GPU-aaaa")
     assert (hot.health, hot.health_reason) == (Health.UNHEALTHY, "temperature 91 C is at or above the 85 C limit")
     assert Device.objects.get(uuid="GPU-bbbb").health == Health.HEALTHY
+
+
+def test_a_worker_reads_only_its_own_gpu():
+    fake = FakeNvml(FakeGpu("GPU-aaaa"), FakeGpu("GPU-bbbb", used=5 * GIB))
+    backend = NvmlBackend(module=fake)
+    backend.devices()
+    fake.calls.clear()
+    (reading,) = backend.read(["GPU-bbbb"])
+    assert (reading.uuid, reading.memory_used) == ("GPU-bbbb", 5 * GIB)
+    assert fake.calls.count("memory") == 1, "the other GPU is not read at all"
+
+
+def test_the_cpu_backend_reads_the_cpu_only_when_asked_for_it():
+    assert [r.uuid for r in CpuBackend().read(["cpu"])] == ["cpu"]
+    assert CpuBackend().read(["GPU-aaaa"]) == []

@@ -250,3 +250,10 @@ def test_a_corrupt_state_file_reads_as_no_state(backend, clock):
     assert read(backend, 0).ok
     set_faults(backend.devices()[0].uuid, lost=True)
     assert not read(backend, 0).ok
+
+
+def test_reading_some_devices_reads_only_those(backend, clock):
+    first, second = (d.uuid for d in backend.devices())
+    set_faults(first, lost=True)
+    assert [(r.uuid, r.ok) for r in backend.read([second])] == [(second, True)]
+    assert [r.uuid for r in backend.read()] == [first, second]

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState, Device
-from gpuscheduler.queues import device_queue_name
+from gpuscheduler.queues import device_queue_name, enqueue_assignment
 from gpuscheduler.selectors import steal_sources
 from gpuscheduler.worker import GpuWorker, WorkerContext
 from personas.services import sample_request_submit
@@ -51,14 +51,33 @@ def test_pinned_work_is_never_a_steal_source(fast_busy_gpu, device_factory):
     assert steal_sources(twin.pk) == set()
 
 
-@pytest.mark.parametrize(("rule", "steals"), [("speed", False), ("always", True)])
+@pytest.mark.parametrize(
+    ("rule", "thief_speed", "steals"),
+    [("speed", 0.1, False), ("speed", 1.0, True), ("always", 0.1, True)],
+    ids=["slow-thief-speed-rule", "twin-thief-speed-rule", "slow-thief-always"],
+)
 def test_the_worker_reads_the_queues_its_stealing_rule_allows(
-    fast_busy_gpu, device_factory, redis_db, settings, rule, steals
+    fast_busy_gpu, device_factory, redis_db, settings, rule, thief_speed, steals
 ):
     settings.GPUSCHEDULER = {**settings.GPUSCHEDULER, "STEAL": rule}
-    slow = device_factory("slow", worker=True, speed=0.1)
-    context = WorkerContext(device=slow, name="slow-worker", host="testhost", generator=None)
+    for waiting in Assignment.objects.filter(state=AssignmentState.QUEUED):
+        enqueue_assignment(waiting, connection=redis_db)
+    thief = device_factory("thief", worker=True, speed=thief_speed)
+    context = WorkerContext(device=thief, name="thief-worker", host="testhost", generator=None)
     worker = GpuWorker(context, connection=redis_db)
     others = worker.queues[2:]
     assert [queue.name for queue in others] == [device_queue_name(fast_busy_gpu.pk)]
     assert worker._worth_stealing(others) == (others if steals else [])
+
+
+def test_the_worker_asks_the_database_nothing_while_other_queues_are_empty(
+    fast_busy_gpu, device_factory, redis_db, django_assert_num_queries
+):
+    twin = device_factory("twin", worker=True, speed=1.0)
+    worker = GpuWorker(
+        WorkerContext(device=twin, name="twin-worker", host="testhost", generator=None), connection=redis_db
+    )
+    others = worker.queues[2:]
+    assert [queue.name for queue in others] == [device_queue_name(fast_busy_gpu.pk)]
+    with django_assert_num_queries(0):
+        assert worker._worth_stealing(others) == [], "the queued call is in the database but not on Redis"

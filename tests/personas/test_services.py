@@ -293,8 +293,11 @@ def test_stored_image_names_never_contain_the_persona_slug_or_prompt(running, se
     request, assignment, device = running
     request.persona.slug = "evil-slug"
     request.persona.appearance_prompt = "../../../etc/passwd"
-    commit(request, assignment, device)
-    for image in SampleImage.objects.filter(request=request):
+    request.persona.save()
+    assert commit(request, assignment, device) is True
+    images = list(SampleImage.objects.filter(request=request))
+    assert len(images) == assignment.image_count == 2
+    for image in images:
         assert "evil" not in image.image.name and ".." not in image.image.name
         assert image.image.name.startswith(f"samples/persona-{request.persona_id}/")
 

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
 
-from gpuscheduler.assignments import assignments_recover
+from gpuscheduler.assignments import assignments_recover_in_turn
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.services import snapshots_compact, snapshots_record
@@ -52,7 +52,7 @@ class Command(BaseCommand):
                 try:
                     close_old_connections()
                     snapshots_record(backend=backend, host=config["HOST"])
-                    assignments_recover()
+                    assignments_recover_in_turn()
                     if started - last_compact > COMPACT_EVERY_SECONDS:
                         snapshots_compact()
                         last_compact = started

@@ -12,7 +12,7 @@ from django.db import transaction
 from gpuscheduler import queues
 from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.selectors import device_resolve
-from personas.models import Persona, RequestSource
+from personas.models import Persona, RequestSource, RequestState
 from personas.runner import SyncRunner, WaitReport, requests_wait
 from personas.services import RequestAlreadyActive, sample_request_submit, validate_count
 
@@ -161,7 +161,12 @@ class Command(BaseCommand):
                 for persona in personas:
                     # Place on a throwaway request so later personas see earlier ones' load; roll back.
                     request = SampleRequest.objects.create(
-                        persona=persona, count=counts[persona.pk], first_seed=0, model="", steps=1, state="cancelled"
+                        persona=persona,
+                        count=counts[persona.pk],
+                        first_seed=0,
+                        model="",
+                        steps=1,
+                        state=RequestState.CANCELLED,
                     )
                     for a in assignments_place(request_id=request.pk, count=counts[persona.pk], pinned_device=device):
                         plan.append(
