@@ -18,6 +18,7 @@ from config.env import (
     env_str,
     parse_simulated_spec,
 )
+from gpuscheduler.backends import BACKENDS  # plain constants: no torch, no NVML
 from gpuscheduler.policies import STEAL_RULES  # pure: no Django, no torch
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ RQ_QUEUES = {"default": {"URL": REDIS_URL}}
 RQ = {"COMMIT_MODE": "on_db_commit"}
 RQ_SHOW_ADMIN_LINK = True
 
-_GPU_BACKEND = env_choice("GPU_BACKEND", "auto", ("auto", "nvml", "cpu", "simulated"))
+_GPU_BACKEND = env_choice("GPU_BACKEND", "auto", BACKENDS)
 _GPU_SIMULATED = env_str("GPU_SIMULATED", "sim*2")
 if _GPU_BACKEND == "simulated":
     parse_simulated_spec(_GPU_SIMULATED)  # fail at start on a bad spec, not in a worker later

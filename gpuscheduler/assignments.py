@@ -31,7 +31,7 @@ from gpuscheduler.models import (
     Health,
 )
 from gpuscheduler.policies import Chunk, get_policy, plan_chunks, plan_pinned
-from gpuscheduler.selectors import device_views, placement_sequence
+from gpuscheduler.selectors import device_views, live_worker, placement_sequence
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def assignment_claim(
         # probation, or just out of service) is worth a wait: leave the job; the reconciler puts
         # it back on its queue within seconds, and it moves as soon as that device can take it.
         # For a device that is out of service the wait is short: it may stay so for hours.
-        others = Device.objects.exclude(pk=device.pk).filter(worker_seen_at__gte=now - lease())
+        others = Device.objects.exclude(pk=device.pk).filter(live_worker(now))
         recent = first["queued_at"] > now - timedelta(seconds=AVOID_UNHEALTHY_SECONDS)
         soon = others if recent else others.filter(health__in=[Health.HEALTHY, Health.PROBATION])
         if soon.exists():

@@ -61,6 +61,8 @@ class Backend(Protocol):
 
 
 CPU_UUID = "cpu"
+# GPU_BACKEND's choices; "auto" is NVML where it initializes, else the CPU.
+BACKENDS = ("auto", "nvml", "cpu", "simulated")
 
 
 class CpuBackend:
@@ -113,7 +115,7 @@ def get_backend(name: str | None = None) -> Backend:
     if name == "nvml":
         return NvmlBackend()
     if name != "auto":
-        raise BackendUnavailable(f"Unknown GPU_BACKEND {name!r}: use auto, nvml, cpu or simulated.")
+        raise BackendUnavailable(f"Unknown GPU_BACKEND {name!r}: use one of {', '.join(BACKENDS)}.")
     try:
         backend = NvmlBackend()
     except BackendUnavailable as exc:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from gpuscheduler.backends import BACKENDS
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.policies import POLICIES, STEAL_RULES
 
@@ -29,11 +30,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 id="gpuscheduler.E001",
             )
         )
-    if config["BACKEND"] not in ("auto", "nvml", "cpu", "simulated"):
+    if config["BACKEND"] not in BACKENDS:
         problems.append(
             Error(
                 f"GPU_BACKEND={config['BACKEND']!r} is unknown.",
-                hint="Use auto, nvml, cpu or simulated.",
+                hint=f"Use one of: {', '.join(BACKENDS)}.",
                 id="gpuscheduler.E002",
             )
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Subquery, Sum, Value
+from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Floor
 from django.utils import timezone
 
@@ -34,6 +34,11 @@ def worker_alive(device: Device, now: datetime | None = None) -> bool:
     if not device.worker_name or device.worker_seen_at is None:
         return False
     return device.worker_seen_at >= (now or timezone.now()) - lease()
+
+
+def live_worker(now: datetime | None = None) -> Q:
+    """worker_alive as a filter: the devices whose worker beat within the lease."""
+    return Q(worker_seen_at__gte=(now or timezone.now()) - lease()) & ~Q(worker_name="")
 
 
 def device_has_pending_work(device: Device) -> bool:
@@ -70,9 +75,11 @@ def device_backlogs() -> dict[int, tuple[int, int]]:
     return backlog
 
 
-def device_views(devices: list[Device] | None = None) -> list[DeviceView]:
+def device_views(devices: list[Device] | None = None, *, readings: bool = True) -> list[DeviceView]:
+    """What placement knows of each device; `readings=False` leaves out the latest snapshot
+    (memory, utilization, temperature) where only health, worker, speed and backlog count."""
     devices = list(Device.objects.all()) if devices is None else devices
-    snapshots = latest_snapshots([d.pk for d in devices])
+    snapshots = latest_snapshots([d.pk for d in devices]) if readings else {}
     backlogs = device_backlogs()
     now = timezone.now()
     views = []
@@ -105,7 +112,7 @@ def steal_sources(thief_id: int) -> set[int]:
     The size of a device's next call is not known before the pop; its largest queued chunk
     stands for it, so a slow thief errs towards leaving work to a fast owner.
     """
-    views = {view.id: view for view in device_views()}
+    views = {view.id: view for view in device_views(readings=False)}
     thief = views.get(thief_id)
     if thief is None:
         return set()

@@ -31,11 +31,14 @@ REGISTERED = "registered, not read yet"
 
 
 def devices_sync(*, backend: Backend, host: str) -> list[Device]:
-    """Create or refresh the Device row of every device the backend reports on this host."""
-    return [device_upsert(info=info, host=host) for info in backend.devices()]
+    """Create or refresh the Device row of every device the backend reports on this host (the
+    host's rows are read in one query: the monitor does this every tick)."""
+    known = {device.uuid: device for device in Device.objects.filter(host=host)}
+    return [device_upsert(info=info, host=host, existing=known.get(info.uuid)) for info in backend.devices()]
 
 
-def device_upsert(*, info: DeviceInfo, host: str) -> Device:
+def device_upsert(*, info: DeviceInfo, host: str, existing: Device | None = None) -> Device:
+    """The device's row, created if new; `existing` is its row already read, if the caller has it."""
     fields = {
         "name": info.name,
         "index": info.index,
@@ -44,9 +47,11 @@ def device_upsert(*, info: DeviceInfo, host: str) -> Device:
         "kind": info.kind,
         "speed": info.speed,
     }
-    device, created = Device.objects.get_or_create(
-        host=host, uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": REGISTERED}
-    )
+    device, created = existing, False
+    if device is None:
+        device, created = Device.objects.get_or_create(
+            host=host, uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": REGISTERED}
+        )
     changed = {k: v for k, v in fields.items() if getattr(device, k) != v}
     if changed and not created:
         Device.objects.filter(pk=device.pk).update(**changed)
@@ -72,10 +77,12 @@ def reading_admission(reading: Reading, device: Device) -> Admission:
     )
 
 
-def device_observe(*, device: Device, reading: Reading, now: datetime | None = None) -> str:
+def device_observe(*, device: Device, reading: Reading, now: datetime | None = None, fresh: bool = False) -> str:
     """Judge one reading of `device` and apply the verdict: bad readings make it unhealthy at once;
-    good readings move an unhealthy device to probation, which only a passing canary job ends."""
-    device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
+    good readings move an unhealthy device to probation, which only a passing canary job ends.
+    (`fresh`: the caller read the row this moment; a long-lived worker's copy is read again.)"""
+    if not fresh:
+        device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
     return _health_apply(device=device, admission=reading_admission(reading, device), now=now)
 
 
@@ -140,7 +147,7 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
         device = devices.get(reading.uuid)
         if device is None:
             continue
-        health = device_observe(device=device, reading=reading, now=now)
+        health = device_observe(device=device, reading=reading, now=now, fresh=True)
         snapshots.append(
             Snapshot(
                 device=device,

@@ -37,7 +37,7 @@ from typing import Any
 import redis
 from django.db import DatabaseError, close_old_connections, connection
 from rq import Queue, SimpleWorker
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 
 from gpuscheduler import assignments, queues
@@ -216,6 +216,13 @@ class GpuWorker(SimpleWorker):
 
     # the loop ----------------------------------------------------------------------------------
 
+    def _shutdown(self) -> None:
+        # rq answers SIGTERM on an idle worker by raising StopRequested wherever the signal
+        # lands; a broad `except Exception` on the way (housekeeping, a canary) could swallow
+        # it. Remember the request as well, so the loop stops at its next turn whatever caught it.
+        self._stop_requested = True
+        super()._shutdown()
+
     def request_stop_soon(self) -> None:
         self._soon_stop = True
 
@@ -309,10 +316,14 @@ class GpuWorker(SimpleWorker):
         """Read the device, apply admission, refresh queues, recover; True if work may be taken.
 
         A database or NVML error here is logged and the device counts as not admitted this
-        round: the worker must outlive a restarting database, not crash-loop on it.
+        round: the worker must outlive a restarting database, not crash-loop on it. rq's
+        StopRequested (raised from its SIGTERM handler, wherever the signal lands) passes through:
+        swallowed here, a warm shutdown that arrived during housekeeping would be lost.
         """
         try:
             return self._housekeeping()
+        except StopRequested:
+            raise
         except Exception:
             log.exception("housekeeping failed; taking no work this round")
             close_old_connections()

@@ -368,3 +368,19 @@ def test_a_worker_reads_only_its_own_gpu():
 def test_the_cpu_backend_reads_the_cpu_only_when_asked_for_it():
     assert [r.uuid for r in CpuBackend().read(["cpu"])] == ["cpu"]
     assert CpuBackend().read(["GPU-aaaa"]) == []
+
+
+def test_a_steady_monitor_tick_costs_the_same_queries_for_two_gpus_or_eight(db, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    host = settings.GPUSCHEDULER["HOST"]
+    counts = []
+    for n in (2, 8):
+        Device.objects.all().delete()
+        backend = NvmlBackend(module=FakeNvml(*(FakeGpu(f"GPU-{n}-{i:04d}") for i in range(n))))
+        snapshots_record(backend=backend, host=host)  # registers the devices, first verdicts
+        with CaptureQueriesContext(connection) as tick:
+            assert len(snapshots_record(backend=backend, host=host)) == n
+        counts.append(len(tick.captured_queries))
+    assert counts[0] == counts[1], counts
