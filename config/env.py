@@ -14,6 +14,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
+from config.numbers import is_ascii_int, parse_ascii_int
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -44,9 +46,11 @@ def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int
     if value is None or value == "":
         return default
     try:
-        number = int(value)
+        number = parse_ascii_int(value, what="", signed=True)  # int() also reads '٤', '1_6' and '+4'
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={value!r} is not a whole number: set it to e.g. {default}.") from None
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a whole number: set it to e.g. {default} (the digits 0-9 only)."
+        ) from None
     _check_range(name, number, minimum, maximum)
     return number
 
@@ -56,9 +60,13 @@ def env_float(name: str, default: float, *, minimum: float | None = None, maximu
     if value is None or value == "":
         return default
     try:
+        if not value.isascii():  # float() also reads Arabic-Indic and full-width digits
+            raise ValueError(value)
         number = float(value)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={value!r} is not a number: set it to e.g. {default}.") from None
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a number: set it to e.g. {default} (the digits 0-9 only)."
+        ) from None
     if number != number or number in (float("inf"), float("-inf")):
         raise ImproperlyConfigured(f"{name}={value!r} must be a finite number.")
     _check_range(name, number, minimum, maximum)
@@ -158,16 +166,17 @@ def parse_simulated_spec(spec: str) -> list[tuple[str, float]]:
         count = 1
         if "*" in item:
             item, _, count_text = item.partition("*")
-            if not count_text.isdigit() or not 1 <= int(count_text) <= 64:
+            # isdigit() alone let '²' through to int(), which raised a bare ValueError.
+            count = parse_ascii_int(count_text, what="") if is_ascii_int(count_text) else 0
+            if not 1 <= count <= 64:
                 raise ImproperlyConfigured(
                     f"GPU_SIMULATED item {raw.strip()!r}: the count after '*' must be a whole number from 1 to 64."
                 )
-            count = int(count_text)
         speed = 1.0
         if ":" in item:
             item, _, speed_text = item.partition(":")
             try:
-                speed = float(speed_text)
+                speed = float(speed_text) if speed_text.isascii() else -1.0
             except ValueError:
                 speed = -1.0
             if not 0.01 <= speed <= 100:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 from config.env import (
@@ -55,6 +56,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "django_rq",
     "gpuscheduler",
     "personas",
@@ -68,6 +70,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -97,6 +101,12 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# django-axes' backend first: it refuses a locked-out login before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -123,8 +133,27 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", False)
 # Behind a TLS-terminating proxy: believe its X-Forwarded-Proto. Only safe when the proxy sets
 # (or strips) that header on every request; otherwise any client could claim HTTPS.
-if env_bool("DJANGO_BEHIND_PROXY", False):
+BEHIND_PROXY = env_bool("DJANGO_BEHIND_PROXY", False)
+if BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Login throttling (django-axes): after LOGIN_FAILURE_LIMIT wrong passwords for one username from
+# one address, that username is refused from that address for LOGIN_COOLOFF_MINUTES. Counting per
+# username and address together means an attacker elsewhere cannot lock the real admin out, and
+# rotating usernames or user agents from one address does not reset anyone's count.
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1, maximum=1000)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15, minimum=1, maximum=7 * 24 * 60))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+# The lock runs from the last counted failure: tries while locked out neither count nor extend it,
+# so the page can say when it ends. A successful login clears that username's count at that address.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "config.login.client_ip"  # X-Forwarded-For only with DJANGO_BEHIND_PROXY=1
+AXES_LOCKOUT_CALLABLE = "config.login.lockout_response"
+AXES_HTTP_RESPONSE_CODE = 429
+# Log lines name the username and address (never the password), and no banner starts every command.
+AXES_SENSITIVE_PARAMETERS: list[str] = []
+AXES_VERBOSE = False
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 RQ_QUEUES = {"default": {"URL": REDIS_URL}}
@@ -151,6 +180,8 @@ GPUSCHEDULER = {
     "SNAPSHOT_RAW_HOURS": env_float("GPU_SNAPSHOT_RAW_HOURS", 2.0, minimum=0.1, maximum=24 * 90),
     "SNAPSHOT_BUCKET_SECONDS": env_int("GPU_SNAPSHOT_BUCKET_SECONDS", 60, minimum=5, maximum=86400),
     "SNAPSHOT_RETENTION_DAYS": env_float("GPU_SNAPSHOT_RETENTION_DAYS", 7.0, minimum=0.01, maximum=3650),
+    # Free space the media folder needs; below it (or when it cannot be written) no work starts.
+    "STORAGE_MIN_FREE_MB": env_int("STORAGE_MIN_FREE_MB", 512, minimum=0, maximum=100_000_000),
 }
 
 SAMPLES = {

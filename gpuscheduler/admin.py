@@ -10,7 +10,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from config.numbers import is_ascii_int, parse_ascii_int
 from gpuscheduler.models import Assignment, AssignmentState, Device, GpuStatusPage
+from gpuscheduler.policies import stale_reason
+from gpuscheduler.selectors import STALE, device_stale, worker_alive
 from gpuscheduler.status import status_page
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
 
@@ -18,6 +21,7 @@ STATUS_PERMISSION = "gpuscheduler.view_gpu_status"
 STATUS_TEMPLATE = "admin/gpuscheduler/gpustatuspage/status.html"
 # The fragments the page's script swaps in; each is also part of the full page.
 STATUS_FRAGMENTS = {
+    "storage": "admin/gpuscheduler/gpustatuspage/storage.html",
     "cards": "admin/gpuscheduler/gpustatuspage/cards.html",
     "queues": "admin/gpuscheduler/gpustatuspage/queues.html",
     "assignments": "admin/gpuscheduler/gpustatuspage/assignments.html",
@@ -45,14 +49,24 @@ class DeviceAdmin(ReadOnlyAdmin):
         "short_uuid",
         "host",
         "kind",
-        "health",
+        "health_now",
         "health_reason",
-        "worker_state",
+        "worker",
         "worker_seen_at",
         "last_seen",
     ]
     list_filter = ["health", "kind", "host", "worker_state"]
     search_fields = ["uuid", "name", "host", "pci_bus_id"]
+
+    # The stored columns say what was last written; a dead host writes nothing, so show what they mean now.
+    @admin.display(description="Health", ordering="health")
+    def health_now(self, obj: Device) -> str:
+        silent = device_stale(obj)
+        return obj.health if silent is None else f"{STALE} ({stale_reason(silent)}; last recorded {obj.health})"
+
+    @admin.display(description="Worker", ordering="worker_state")
+    def worker(self, obj: Device) -> str:
+        return obj.worker_state if worker_alive(obj) else "missing"
 
 
 @admin.register(Assignment)
@@ -137,6 +151,7 @@ def _filters(request: HttpRequest) -> dict[str, Any]:
     device = request.GET.get("device", "")
     state = request.GET.get("state", "")
     return {
-        "device_id": int(device) if device.isdecimal() and len(device) < 16 else None,
+        # ASCII digits only: '٣'.isdecimal() is true and int('٣') is 3.
+        "device_id": parse_ascii_int(device, what="device") if is_ascii_int(device) and len(device) < 16 else None,
         "state": state if state in AssignmentState.values else None,
     }

@@ -55,7 +55,11 @@ def _unavailable_message(views: list) -> str:
     if not views:
         return "No device is registered yet: start `python manage.py gpuworkers` (or `gpumonitor`) first."
     devices = Device.objects.in_bulk([v.id for v in views])
-    reasons = "; ".join(f"{d.label} is {d.health} ({d.health_reason})" for d in devices.values())
+    reasons = "; ".join(
+        f"{v.label} is {v.blocked or f'{devices[v.id].health} ({devices[v.id].health_reason})'}"
+        for v in views
+        if v.id in devices
+    )
     return f"No healthy device can take work now: {reasons}."
 
 
@@ -80,7 +84,15 @@ def assignments_place(
     assert transaction.get_connection().in_atomic_block, "assignments_place must run in a transaction"
     # Lock every device row in one order so concurrent placements see each other's work
     # (PostgreSQL); SQLite's IMMEDIATE transactions already serialize writers.
-    devices = list(Device.objects.select_for_update().order_by("pk"))
+    # THE LOCK ORDER, for every transaction that writes device rows: the persona (a press) or the
+    # ending attempt's own row (fail, recovery) first, then device rows in pk order, all of them
+    # here (or in assignment_move_away), then new or queued attempts. Nothing may lock or UPDATE a
+    # device row before that: recovery once cleared the dead worker's device row first and then
+    # waited here for the lower rows, which a press held while it waited for that one (a
+    # PostgreSQL deadlock). Other device writes are one-row autocommit UPDATEs, or lock their rows
+    # in pk order first (the monitor's last_seen). NO KEY: the foreign-key checks of snapshot,
+    # image and canary rows (FOR KEY SHARE) need not wait for placement, nor placement for them.
+    devices = list(Device.objects.select_for_update(no_key=True).order_by("pk"))
     views = device_views(devices)
     max_batch = count if whole else int(samples_config()["MAX_BATCH"])
     chunks: list[Chunk]
@@ -88,6 +100,11 @@ def assignments_place(
         view = next((v for v in views if v.id == pinned_device.pk), None)
         if view is None:
             raise NoDeviceAvailable(f"Device {pinned_device} is not registered.")
+        if require_worker and view.blocked:
+            raise NoDeviceAvailable(
+                f"{pinned_device.label} is {view.blocked}, so it takes no work now: let the policy choose a device, "
+                "or pin it again once this one is back."
+            )
         if require_worker and not view.worker_alive:
             raise NoDeviceAvailable(
                 f"{pinned_device.label} has no running worker, so nothing would take work pinned to it: "
@@ -198,7 +215,7 @@ def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
     of the device it failed on (out of memory at one image, a timeout) hands it on when it pops it.
     """
     with transaction.atomic():
-        devices = list(Device.objects.select_for_update().order_by("pk"))
+        devices = list(Device.objects.select_for_update(no_key=True).order_by("pk"))
         views = [v for v in device_views(devices) if v.id != device.pk and v.healthy and v.worker_alive]
         ranked = get_policy(gpu_config()["POLICY"])(views, placement_sequence()) if views else []
         if not ranked:
@@ -254,6 +271,32 @@ def assignment_fail(*, assignment_id: int, error: str, retryable: bool = True) -
         retry = _retry(old, reason=error) if can_retry else None
     _after_attempt(old, discard_files=False)
     return retry
+
+
+def assignment_state(*, assignment_id: int) -> str | None:
+    """The attempt's state as the database has it now (None: no such attempt)."""
+    return Assignment.objects.filter(pk=assignment_id).values_list("state", flat=True).first()
+
+
+def assignment_requeue(*, assignment_id: int, error: str) -> bool:
+    """Put a running attempt back to waiting after an infrastructure fault (the media store
+    failed), with the real error on it. It keeps its attempt number: a full disk is no reason to
+    use up the request's attempts. The reconciler enqueues it again once its job has ended."""
+    now = timezone.now()
+    requeued = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
+        state=AssignmentState.QUEUED,
+        error=f"waiting: {error}"[:10000],
+        device=None,
+        worker_name="",
+        host="",
+        started_at=None,
+        heartbeat_at=None,
+        deadline_at=None,
+        enqueued_at=now,
+    )
+    if requeued:
+        Device.objects.filter(current_assignment_id=assignment_id).update(current_assignment=None)
+    return bool(requeued)
 
 
 def _retry(old: Assignment, *, reason: str) -> Assignment | None:
@@ -419,13 +462,15 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
             ).update(state=AssignmentState.ABANDONED, finished_at=now, error=why)
             if not won:
                 continue
-            Device.objects.filter(current_assignment=old).update(current_assignment=None)
             if old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]:
                 _retry(old, reason=why)
             else:
                 Assignment.objects.filter(pk=old.pk).update(
                     state=AssignmentState.FAILED, error=f"{why}; no attempts left" if old.request_id else why
                 )
+        # After the commit, in a statement of its own: locking this device row inside the
+        # transaction, before placement locks every row in pk order, deadlocked with a press.
+        Device.objects.filter(current_assignment=old).update(current_assignment=None)
         report.abandoned.append(old.job_id)
         _after_attempt(old, discard_files=True)
 

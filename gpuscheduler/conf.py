@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "SNAPSHOT_RAW_HOURS": 2.0,
     "SNAPSHOT_BUCKET_SECONDS": 60,
     "SNAPSHOT_RETENTION_DAYS": 7.0,
+    "STORAGE_MIN_FREE_MB": 512,
 }
 
 SAMPLES_DEFAULTS: dict[str, Any] = {
@@ -47,3 +48,12 @@ def samples_config() -> dict[str, Any]:
 def lease() -> timedelta:
     """How long an attempt, or a worker's hold on its device, lives without a heartbeat."""
     return timedelta(seconds=float(gpu_config()["LEASE_SECONDS"]))
+
+
+def stale_after() -> timedelta:
+    """How long a device may go without a reading (monitor or worker) and without its worker's
+    heartbeat before it counts as stale: three readings or heartbeats missed, and never less than
+    the lease, so a device is not stale while its worker could still be alive."""
+    config = gpu_config()
+    interval = max(float(config["MONITOR_INTERVAL"]), float(config["HEARTBEAT_INTERVAL"]))
+    return max(timedelta(seconds=3 * interval), lease())

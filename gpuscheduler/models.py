@@ -67,6 +67,27 @@ class Device(models.Model):
         return self.uuid.removeprefix("GPU-").removeprefix("SIM-")[:8]
 
 
+class MediaStore(models.Model):
+    """The media folder of one host (sample PNGs are written under DATA_DIR/media of the host that
+    made them): its latest reading, a health input like a GPU's memory. Healthy while a probe file
+    can be written there and free space stays above STORAGE_MIN_FREE_MB."""
+
+    host = models.CharField(max_length=255, unique=True)
+    path = models.CharField(max_length=1000, blank=True)
+    healthy = models.BooleanField(default=True)
+    reason = models.CharField(max_length=500, blank=True)
+    free_bytes = models.BigIntegerField(null=True, blank=True)
+    total_bytes = models.BigIntegerField(null=True, blank=True)
+    checked_at = models.DateTimeField(help_text="When this verdict was reached (a reading or a reported error).")
+    changed_at = models.DateTimeField(null=True, blank=True, help_text="When it last turned healthy or unhealthy.")
+
+    class Meta:
+        ordering = ["host"]
+
+    def __str__(self) -> str:
+        return f"media store of {self.host}"
+
+
 class Snapshot(models.Model):
     """One reading of one device; `bucket_seconds` > 0 marks a downsampled average."""
 

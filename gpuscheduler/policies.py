@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 GIB = 1024**3
 
@@ -39,6 +40,9 @@ class DeviceView:
     saturation: int = 1
     queued_images: int = 0
     running_images: int = 0
+    # Why a device whose recorded health is fine may not take work ("stale (no reading or
+    # heartbeat for 2 min 10 s)", a full media store on its host); `healthy` is then False.
+    blocked: str = ""
 
     @property
     def memory_fraction(self) -> float | None:
@@ -286,3 +290,49 @@ def admit(
                 False, f"{free / GIB:.1f} GiB free, below the {limits.min_free_memory / GIB:.1f} GiB the model needs"
             )
     return Admission(True, "readings within limits")
+
+
+# --- liveness and storage ------------------------------------------------------------------------
+
+
+def stale_seconds(
+    *, last_seen: datetime | None, worker_seen_at: datetime | None, created: datetime, now: datetime, after: timedelta
+) -> float | None:
+    """How long a device has gone unheard of, if that makes it stale; None while it is live.
+
+    A device is heard of through a reading (the monitor's or its worker's own) or its worker's
+    heartbeat; one that was never heard of counts from its registration. Derived when read, so a
+    dead host needs nobody to write anything, and the device is live again at its next reading.
+    """
+    heard = max(t for t in (last_seen, worker_seen_at, created) if t is not None)
+    silent = (now - heard).total_seconds()
+    return silent if silent > after.total_seconds() else None
+
+
+def age_text(seconds: float) -> str:
+    """45 s, 2 min 10 s, 3 h 5 min, 2 d 4 h: an age to the second where that still matters."""
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if minutes:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    return f"{secs} s"
+
+
+def stale_reason(seconds: float) -> str:
+    return f"no reading or heartbeat for {age_text(seconds)}"
+
+
+def store_admit(*, ok: bool, error: str, free_bytes: int | None, min_free_bytes: int) -> Admission:
+    """May work start on a host, judging by one reading of its media folder?"""
+    if not ok:
+        return Admission(False, error or "the media folder cannot be written")
+    if free_bytes is not None and free_bytes < min_free_bytes:
+        mb = 1024**2
+        return Admission(False, f"only {free_bytes / mb:.0f} MB free, below STORAGE_MIN_FREE_MB={min_free_bytes // mb}")
+    return Admission(True, "writable, space above STORAGE_MIN_FREE_MB")

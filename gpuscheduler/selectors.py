@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -9,9 +10,14 @@ from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Q, Su
 from django.db.models.functions import Floor
 from django.utils import timezone
 
-from gpuscheduler.conf import gpu_config, lease, samples_config
+from config.numbers import is_ascii_int
+from gpuscheduler.conf import gpu_config, lease, samples_config, stale_after
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
-from gpuscheduler.policies import DeviceView, Limits, steal_pays
+from gpuscheduler.policies import DeviceView, Limits, age_text, stale_reason, stale_seconds, steal_pays
+from gpuscheduler.storage import stores_unhealthy
+
+# Not a stored health: a device nobody has heard of for stale_after() shows this instead.
+STALE = "stale"
 
 
 def latest_snapshots(device_ids: list[int] | None = None) -> dict[int, Snapshot]:
@@ -36,9 +42,44 @@ def worker_alive(device: Device, now: datetime | None = None) -> bool:
     return device.worker_seen_at >= (now or timezone.now()) - lease()
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process of this host is running (a zombie counts, until its parent reaps it)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def live_worker(now: datetime | None = None) -> Q:
     """worker_alive as a filter: the devices whose worker beat within the lease."""
     return Q(worker_seen_at__gte=(now or timezone.now()) - lease()) & ~Q(worker_name="")
+
+
+def device_stale(device: Device, now: datetime | None = None) -> float | None:
+    """Seconds since anyone heard of the device (a reading or its worker's heartbeat), when that
+    makes it stale (conf.stale_after); None while it is live."""
+    return stale_seconds(
+        last_seen=device.last_seen,
+        worker_seen_at=device.worker_seen_at,
+        created=device.created,
+        now=now or timezone.now(),
+        after=stale_after(),
+    )
+
+
+def device_blocked(device: Device, now: datetime, stores: dict[str, str]) -> str:
+    """Why a device may not take work whatever its recorded health ('' when nothing stops it)."""
+    silent = device_stale(device, now)
+    if silent is not None:
+        return f"{STALE} ({stale_reason(silent)}: are `gpumonitor` and `gpuworkers` running on {device.host}?)"
+    if device.host in stores:
+        return f"paused (the media store of {device.host} is unhealthy: {stores[device.host]})"
+    return ""
 
 
 def device_has_pending_work(device: Device) -> bool:
@@ -81,17 +122,20 @@ def device_views(devices: list[Device] | None = None, *, readings: bool = True) 
     devices = list(Device.objects.all()) if devices is None else devices
     snapshots = latest_snapshots([d.pk for d in devices]) if readings else {}
     backlogs = device_backlogs()
+    stores = stores_unhealthy()
     now = timezone.now()
     views = []
     for device in devices:
         snap = snapshots.get(device.pk)
         queued, running = backlogs.get(device.pk, (0, 0))
+        blocked = device_blocked(device, now, stores)
         views.append(
             DeviceView(
                 id=device.pk,
                 label=device.label,
                 kind=device.kind,
-                healthy=device.health == Health.HEALTHY,
+                healthy=device.health == Health.HEALTHY and not blocked,
+                blocked=blocked,
                 worker_alive=worker_alive(device, now),
                 memory_used=snap.memory_used if snap else None,
                 memory_total=(snap.memory_total if snap else None) or device.memory_total or None,
@@ -144,7 +188,7 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
     here = Device.objects.filter(host=host)
     if text.lower() == "cpu":
         return here.filter(kind=DeviceKind.CPU).first()
-    if text.isascii() and text.isdigit() and len(text) < 10:
+    if is_ascii_int(text) and len(text) < 10:
         return here.filter(index=int(text)).exclude(kind=DeviceKind.CPU).first()
     exact = here.filter(uuid=text).first() or Device.objects.filter(uuid=text).first()
     if exact:
@@ -159,13 +203,22 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
 def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
     """Every device with its latest snapshot, health, worker and current job, as plain data."""
     now = now or timezone.now()
+    here = gpu_config()["HOST"]
     devices = list(Device.objects.select_related("current_assignment__request__persona"))
     snapshots = latest_snapshots([d.pk for d in devices])
     backlogs = device_backlogs()
     rows = []
     for device in devices:
         snap = snapshots.get(device.pk)
+        silent = device_stale(device, now)
         alive = worker_alive(device, now)
+        missing = ""
+        if not alive and device.worker_name and device.worker_seen_at is not None:
+            missing = f"no heartbeat for {age_text((now - device.worker_seen_at).total_seconds())}"
+        # A worker's process can be looked for only on its own host: there, a SIGKILLed worker
+        # shows as missing at once instead of `busy` until its lease runs out.
+        if alive and device.host == here and device.worker_pid and not pid_alive(device.worker_pid):
+            alive, missing = False, f"process {device.worker_pid} is gone"
         current = device.current_assignment if alive else None
         queued, running = backlogs.get(device.pk, (0, 0))
         rows.append(
@@ -178,9 +231,14 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
                 "host": device.host,
                 "index": device.index,
                 "kind": device.kind,
-                "health": device.health,
-                "health_reason": device.health_reason,
+                # A stale device shows as such, whatever health it last recorded (kept beside it).
+                "health": STALE if silent is not None else device.health,
+                "health_reason": stale_reason(silent) if silent is not None else device.health_reason,
                 "health_changed_at": _iso(device.health_changed_at),
+                "recorded_health": device.health,
+                "recorded_health_reason": device.health_reason,
+                "stale_seconds": None if silent is None else round(silent, 1),
+                "last_seen": _iso(device.last_seen),
                 "snapshot": None
                 if snap is None
                 else {
@@ -197,6 +255,8 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
                 "worker": {
                     "state": device.worker_state if alive else "missing",
                     "name": device.worker_name if alive else "",
+                    "pid": device.worker_pid if alive else None,
+                    "missing_reason": missing,
                     "heartbeat_age_seconds": round((now - device.worker_seen_at).total_seconds(), 1)
                     if device.worker_seen_at
                     else None,

@@ -9,7 +9,6 @@ workers on any number of hosts may run the same code at once.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime, timedelta
 
 from django.db import transaction
@@ -19,7 +18,7 @@ from gpuscheduler.backends import Backend, DeviceInfo, Reading
 from gpuscheduler.conf import gpu_config, lease
 from gpuscheduler.models import Device, Health, Snapshot, WorkerState
 from gpuscheduler.policies import Admission, admit
-from gpuscheduler.selectors import limits
+from gpuscheduler.selectors import limits, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,18 @@ def device_observe(*, device: Device, reading: Reading, now: datetime | None = N
     """Judge one reading of `device` and apply the verdict: bad readings make it unhealthy at once;
     good readings move an unhealthy device to probation, which only a passing canary job ends.
     (`fresh`: the caller read the row this moment; a long-lived worker's copy is read again.)"""
-    if not fresh:
-        device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host"])
-    return _health_apply(device=device, admission=reading_admission(reading, device), now=now)
+    if fresh:
+        return _health_apply(device=device, admission=reading_admission(reading, device), now=now)
+    device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host", "last_seen"])
+    health = _health_apply(device=device, admission=reading_admission(reading, device), now=now)
+    # A worker's own reading counts as a reading (a host with workers and no monitor is not
+    # stale); written at most once a heartbeat interval, less while the monitor writes it too.
+    now = now or timezone.now()
+    every = timedelta(seconds=float(gpu_config()["HEARTBEAT_INTERVAL"]))
+    if device.last_seen is None or now - device.last_seen >= every:
+        Device.objects.filter(pk=device.pk).update(last_seen=now)
+        device.last_seen = now
+    return health
 
 
 def _health_apply(*, device: Device, admission: Admission, now: datetime | None = None) -> str:
@@ -163,23 +171,16 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
             )
         )
     Snapshot.objects.bulk_create(snapshots)
-    Device.objects.filter(pk__in=[s.device_id for s in snapshots]).update(last_seen=now)
+    seen = [s.device_id for s in snapshots]
+    with transaction.atomic():
+        # Lock the rows in pk order first, as placement does (see assignments_place): an UPDATE of
+        # several rows locks them in the order it scans the table, and deadlocked with a press.
+        list(Device.objects.select_for_update(no_key=True).filter(pk__in=seen).order_by("pk").values_list("pk"))
+        Device.objects.filter(pk__in=seen).update(last_seen=now)
     return snapshots
 
 
 # --- workers ----------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_attach(*, device: Device, name: str, pid: int, host: str) -> str | None:
@@ -192,7 +193,7 @@ def worker_attach(*, device: Device, name: str, pid: int, host: str) -> str | No
         and current["worker_seen_at"] is not None
         and current["worker_seen_at"] >= now - lease()
         # A holder on this host whose process is gone was SIGKILLed: take over at once.
-        and not (device.host == host and not _pid_alive(current["worker_pid"]))
+        and not (device.host == host and not pid_alive(current["worker_pid"]))
     )
     if holder_alive:
         return f"worker {current['worker_name']} (pid {current['worker_pid']}) holds {device.label}"

@@ -10,6 +10,7 @@ read and written under an exclusive lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -33,7 +34,16 @@ ACTIVATION_BYTES_PER_IMAGE = GIB // 2
 IDLE_C, BUSY_C, OVER_C, TAU_S = 35.0, 78.0, 97.0, 20.0
 _NAMESPACE = uuidlib.UUID("6f1c1c52-5b6e-4b8e-9a4a-3d1f0e2a7c11")
 
-FAULTS = ("lost", "nvml_error", "over_temperature", "oom_above_batch", "hang_seconds", "hang_native", "fail")
+FAULTS = (
+    "lost",
+    "nvml_error",
+    "over_temperature",
+    "oom_above_batch",
+    "hang_seconds",
+    "hang_native",
+    "fail",
+    "load_seconds",  # a model load this slow at worker start (a real model takes 12-18 s on an H100)
+)
 
 
 def simulated_uuid(host: str, index: int, name: str) -> str:
@@ -122,6 +132,36 @@ def clear_faults(uuid: str | None = None) -> None:
 
 def faults(uuid: str) -> dict[str, Any]:
     return dict(read_state().get(uuid, {}).get("faults", {}))
+
+
+# Simulated storage faults, per host: what a write to the media folder raises (see
+# gpuscheduler.storage.store_fault_simulate, consulted only with GPU_BACKEND=simulated).
+STORAGE_FAULTS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}
+
+
+def _storage_key(host: str) -> str:
+    return f"storage@{host}"
+
+
+def set_storage_fault(host: str, fault: str | None) -> None:
+    """Make writes to the media folder of `host` fail as a full disk ("enospc") or a read-only
+    file system ("erofs") in every process of the installation; None clears it."""
+    if fault is not None and fault not in STORAGE_FAULTS:
+        raise ValueError(f"unknown simulated storage fault {fault!r}; known: {', '.join(STORAGE_FAULTS)}")
+    with _locked_state() as state:
+        faults = state.setdefault(_storage_key(host), {}).setdefault("faults", {})
+        if fault is None:
+            faults.pop("storage", None)
+        else:
+            faults["storage"] = fault
+
+
+def storage_fault_raise(*, host: str, path: Path | str) -> None:
+    """Raise the simulated storage error of `host` for a write to `path`, if one is switched on."""
+    fault = read_state().get(_storage_key(host), {}).get("faults", {}).get("storage")
+    if fault in STORAGE_FAULTS:
+        code = STORAGE_FAULTS[fault]
+        raise OSError(code, f"{os.strerror(code)} (simulated)", str(path))
 
 
 def set_model_memory(uuid: str, nbytes: int) -> None:

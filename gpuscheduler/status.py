@@ -1,5 +1,5 @@
-"""The GPU status page's data: device cards, an hour of history drawn as SVG geometry, the jobs
-on the same time axis, queue depths and recent attempts, as one JSON-ready dict.
+"""The GPU status page's data: each host's media store, device cards, an hour of history drawn as
+SVG geometry, the jobs on the same time axis, queue depths and recent attempts, as one JSON-ready dict.
 
 The page template and the JSON endpoint read the same dict, so the page's script can swap in
 fragments rendered from exactly what the endpoint returns. The geometry helpers are pure.
@@ -19,6 +19,7 @@ from gpuscheduler.conf import gpu_config
 from gpuscheduler.models import Assignment, AssignmentState, images_label
 from gpuscheduler.queues import device_queue_name, queue_depths
 from gpuscheduler.selectors import assignments_between, assignments_recent, device_status, snapshot_history
+from gpuscheduler.storage import store_status
 
 HISTORY_SECONDS = 3600
 RECENT_LIMIT = 50
@@ -312,6 +313,13 @@ def status_page(
         for row in rows
     ]
     recent = assignments_recent(device_id=device_id, state=state, limit=RECENT_LIMIT)
+    storage = store_status(now)
+    for store in storage:
+        free = store["free_bytes"]
+        store["free_text"] = "" if free is None else f"{free / GIB:.1f} GiB"
+        store["age_text"] = duration_text(store["age_seconds"])
+        changed = store["changed_at"]
+        store["changed_text"] = _clock(datetime.fromisoformat(changed), now) if changed and not store["healthy"] else ""
     return {
         "generated_at": now.isoformat(),
         "generated_text": _clock(now),
@@ -331,6 +339,7 @@ def status_page(
             "ticks": time_ticks(),
         },
         "devices": devices,
+        "storage": storage,
         "queues": queues,
         "redis_available": redis_available,
         "assignments": [_assignment_row(a, now, pattern) for a in recent],

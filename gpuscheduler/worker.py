@@ -40,12 +40,13 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 
-from gpuscheduler import assignments, queues
+from gpuscheduler import assignments, queues, storage
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
 from gpuscheduler.conf import gpu_config, lease, samples_config
 from gpuscheduler.models import (
     Assignment,
+    AssignmentState,
     Device,
     Health,
     WorkerState,
@@ -77,12 +78,17 @@ class WorkerContext:
     def alive(self) -> bool:
         return not self.lost.is_set()
 
-    def mark_lost(self, assignment_id: int) -> None:
-        """The heartbeat found `assignment_id` abandoned: stop it, unless it already ended (the
-        heartbeat may have read the id just before the job finished and the next one began)."""
+    def mark_lost(self, assignment_id: int, state: str | None) -> None:
+        """The heartbeat found `assignment_id` no longer running and in `state`: stop its work,
+        unless the job already ended (the heartbeat may have read the id just before the job
+        finished and the next one began) or ended well: the row of an attempt that has just
+        committed (or gone back to waiting after a storage fault) is no longer RUNNING either,
+        and the job is about to leave its `running` block; that is no alarm."""
+        if state in (AssignmentState.SUCCEEDED, AssignmentState.QUEUED):
+            return
         with self._switch:
             if self.assignment_id == assignment_id and not self.lost.is_set():
-                log.warning("assignment %s was abandoned by the reconciler; stopping its work", assignment_id)
+                log.warning("assignment %s is %s in the database; stopping its work", assignment_id, state or "gone")
                 self.lost.set()
 
     @contextlib.contextmanager
@@ -127,10 +133,16 @@ def current_context() -> WorkerContext:
 class Heartbeat(threading.Thread):
     """Keeps the attempt's lease, the device's worker presence and rq's heartbeats alive."""
 
-    def __init__(self, context: WorkerContext, interval: float, worker: GpuWorker | None = None) -> None:
+    def __init__(
+        self, context: WorkerContext, interval: float, worker: GpuWorker | None = None, *, presence: bool = False
+    ) -> None:
         super().__init__(name="gpuworker-heartbeat", daemon=True)
         self.context = context
         self.worker = worker
+        # A worker holds its device from the moment it attaches: while it loads its model
+        # (12-18 s for a real one, longer than the lease) its presence is renewed as STARTING.
+        # A --sync run holds no worker slot.
+        self.presence = presence or worker is not None
         self.interval = interval
         self.stopping = threading.Event()
 
@@ -149,16 +161,22 @@ class Heartbeat(threading.Thread):
         context = self.context
         assignment_id = context.assignment_id
         if assignment_id is not None and not assignments.assignment_heartbeat(assignment_id=assignment_id):
-            context.mark_lost(assignment_id)
-        if self.worker is None:
+            context.mark_lost(assignment_id, assignments.assignment_state(assignment_id=assignment_id))
+        if not self.presence:
             return  # a --sync run holds no worker slot and no rq registration
-        state = WorkerState.BUSY if assignment_id else self.worker.idle_state
+        if self.worker is None:
+            state = WorkerState.BUSY if assignment_id else WorkerState.STARTING
+        else:
+            state = WorkerState.BUSY if assignment_id else self.worker.idle_state
         if not scheduler.worker_beat(
             device=context.device, name=context.name, state=state, assignment_id=assignment_id
         ):
             log.error("another worker has taken over %s; this one stops after its current job", context.device.label)
+            if self.worker is None:
+                os.kill(os.getpid(), signal.SIGTERM)  # still loading its model: stop now, cleanly
+                return
             self.worker.request_stop_soon()
-        if self.worker.birth_date is None:
+        if self.worker is None or self.worker.birth_date is None:
             return  # rq has not registered the worker yet: a heartbeat now would make its key exist
         with contextlib.suppress(*queues.REDIS_ERRORS):
             job, execution = self.worker.running
@@ -354,6 +372,9 @@ class GpuWorker(SimpleWorker):
             self._last_recovery = now
             assignments.assignments_recover_in_turn()
         admitted = device.health == Health.HEALTHY
+        if admitted:
+            # A full or read-only media folder stops new work like a full GPU (gpuscheduler/storage.py).
+            admitted, _ = storage.store_admits(host=self.context.host)
         self.idle_state = WorkerState.IDLE if admitted else WorkerState.PAUSED
         return admitted
 
@@ -483,7 +504,8 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
     set_context(context)
     config = gpu_config()
     model = samples_config()["MODEL"]
-    heartbeat: Heartbeat | None = None
+    heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), presence=True)
+    heartbeat.start()
     try:
         started = time.monotonic()
         try:
@@ -498,12 +520,10 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
             )
         worker = GpuWorker(context, connection=queues.redis_connection())
         context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
-        heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), worker)
-        heartbeat.start()
+        heartbeat.worker = worker  # from now on it keeps rq's heartbeats too
         worker.work(burst=burst, logging_level="WARNING")
     finally:
-        if heartbeat is not None:
-            heartbeat.stop()
+        heartbeat.stop()
         if context.watchdog is not None:
             context.watchdog.stop()
         scheduler.worker_detach(device=context.device, name=context.name)

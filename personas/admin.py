@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +12,12 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AdminTextareaWidget
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import models
+from django.db import DatabaseError, InterfaceError, models
 from django.db.models import Count, QuerySet
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.http.response import HttpResponseBase
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
@@ -31,6 +35,12 @@ from personas.services import (
     sample_request_cancel,
     sample_request_submit,
 )
+
+log = logging.getLogger(__name__)
+
+# Every way the database can fail a request: a deadlock, a lost or closed connection, a timeout.
+# (Django's InterfaceError, raised for some closed connections, is no DatabaseError.)
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 
 
 def submitted_message(*submitted: Submitted) -> tuple[int, str]:
@@ -52,6 +62,36 @@ def submitted_message(*submitted: Submitted) -> tuple[int, str]:
 
 def _names(personas: list[Persona]) -> str:
     return ", ".join(p.name for p in personas)
+
+
+def database_error_text(exc: Exception) -> str:
+    """What the database said, in one short line: a deadlock, a lost server, a timeout."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def database_error_message(exc: Exception, outcome: str) -> str:
+    return f"The database did not answer ({database_error_text(exc)}); {outcome}. Try again in a moment."
+
+
+def _saved_after_all(persona: Persona, user: Any, since: datetime) -> SampleRequest | None:
+    """After a database error during a press: its request, if the COMMIT went through and only the
+    reply was lost. None when there is none, or when the database still does not answer."""
+    try:
+        latest = persona_latest_request(persona=persona)
+    except DATABASE_ERRORS:
+        return None
+    if latest is None or latest.created < since or latest.requested_by_id != getattr(user, "pk", None):
+        return None
+    return latest
+
+
+def _saved_late_message(exc: Exception, saved: SampleRequest, persona: Persona) -> str:
+    # Its on-commit enqueue never ran; the reconciler queues attempts that Redis lacks.
+    return (
+        f"The database answered late ({database_error_text(exc)}), but the request for {saved.count} images of "
+        f"{persona} was saved: its jobs are queued within seconds."
+    )
 
 
 def _explain_active_requests(request: HttpRequest, perms_needed: set[str]) -> set[str]:
@@ -148,6 +188,19 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def generate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        try:
+            return self._generate(request, object_id)
+        except DATABASE_ERRORS as exc:  # reading the persona or the form's device
+            return self._database_failed(request, exc, object_id, "nothing was queued")
+
+    def _database_failed(self, request: HttpRequest, exc: Exception, object_id: str, outcome: str) -> HttpResponse:
+        """A deadlock, a lost connection, a failover: say so and go back, never a 500. The message
+        goes into the message cookie (FallbackStorage), so saying so needs no database."""
+        log.warning("%s %s: %s", request.method, request.path, exc, exc_info=True)
+        self.message_user(request, database_error_message(exc, outcome), messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:personas_persona_change", args=[object_id]))
+
+    def _generate(self, request: HttpRequest, object_id: str) -> HttpResponse:
         persona = self.get_object(request, unquote(object_id))
         if persona is None:
             raise Http404("No such persona.")
@@ -158,6 +211,7 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         if not form.is_valid():
             self.message_user(request, f"Nothing was queued. {form.error_text()}", messages.ERROR)
             return back
+        since = timezone.now()
         try:
             submitted = sample_request_submit(
                 persona=persona,
@@ -170,6 +224,13 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             self.message_user(request, f"Already queued: {exc} Nothing new was queued.", messages.WARNING)
         except NoDeviceAvailable as exc:
             self.message_user(request, f"Nothing was queued. {exc}", messages.ERROR)
+        except DATABASE_ERRORS as exc:
+            # The submit's transaction rolled back, unless only the reply to its COMMIT was lost.
+            saved = _saved_after_all(persona, request.user, since)
+            if saved is None:
+                return self._database_failed(request, exc, object_id, "nothing was queued")
+            log.warning("generate for persona %s: %s", persona.pk, exc, exc_info=True)
+            self.message_user(request, _saved_late_message(exc, saved, persona), messages.WARNING)
         else:
             level, text = submitted_message(submitted)
             self.message_user(request, text, level)
@@ -187,6 +248,12 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         return JsonResponse(request_progress(request=latest))
 
     def cancel_view(self, request: HttpRequest, object_id: str, request_id: int) -> HttpResponse:
+        try:
+            return self._cancel(request, object_id, request_id)
+        except DATABASE_ERRORS as exc:  # reading the persona or the request
+            return self._database_failed(request, exc, object_id, "nothing was cancelled")
+
+    def _cancel(self, request: HttpRequest, object_id: str, request_id: int) -> HttpResponse:
         persona = self.get_object(request, unquote(object_id))
         if persona is None:
             raise Http404("No such persona.")
@@ -197,7 +264,18 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             raise Http404("No such sample request for this persona.")
         back = HttpResponseRedirect(reverse("admin:personas_persona_change", args=[persona.pk]))
         was_active = sample_request.is_active
-        cancelled = sample_request_cancel(request=sample_request)
+        try:
+            cancelled = sample_request_cancel(request=sample_request)
+            progress = request_progress(request=sample_request)
+        except DATABASE_ERRORS as exc:
+            with contextlib.suppress(*DATABASE_ERRORS):  # its COMMIT may have gone through, only the reply lost
+                sample_request.refresh_from_db(fields=["state"])
+            if not (was_active and sample_request.state == RequestState.CANCELLED):
+                return self._database_failed(request, exc, object_id, "nothing was cancelled")
+            log.warning("cancel of request %s: %s", sample_request.pk, exc, exc_info=True)
+            text = f"The database answered late ({database_error_text(exc)}), but the request was cancelled."
+            self.message_user(request, text, messages.WARNING)
+            return back
         if not was_active or sample_request.state != RequestState.CANCELLED:
             self.message_user(
                 request,
@@ -206,7 +284,6 @@ class PersonaAdmin(OutOfRangeLookupMixin):
                 messages.WARNING,
             )
             return back
-        progress = request_progress(request=sample_request)
         running = (
             f" {progress['running']} running job(s) will finish and keep their images." if progress["running"] else ""
         )
@@ -223,7 +300,15 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         submitted: list[Submitted] = []
         already: list[str] = []
         refused: defaultdict[str, list[Persona]] = defaultdict(list)
-        for persona in queryset:
+        faults: list[tuple[int, str]] = []
+        try:
+            personas = list(queryset)
+        except DATABASE_ERRORS as exc:
+            log.warning("regenerate action: %s", exc, exc_info=True)
+            self.message_user(request, database_error_message(exc, "nothing was queued"), messages.ERROR)
+            return
+        for position, persona in enumerate(personas):
+            since = timezone.now()
             try:
                 submitted.append(
                     sample_request_submit(
@@ -238,6 +323,19 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             except (NoDeviceAvailable, ValidationError) as exc:
                 reason = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
                 refused[reason].append(persona)
+            except DATABASE_ERRORS as exc:
+                # Stop here: what was queued before stands (one transaction per persona); the
+                # rest would most likely meet the same fault.
+                log.warning("regenerate action at persona %s: %s", persona.pk, exc, exc_info=True)
+                rest = personas[position:]
+                saved = _saved_after_all(persona, request.user, since)
+                if saved is not None:
+                    faults.append((messages.WARNING, _saved_late_message(exc, saved, persona)))
+                    rest = rest[1:]
+                if rest:
+                    outcome = f"nothing was queued for {_names(rest)}"
+                    faults.append((messages.ERROR, database_error_message(exc, outcome)))
+                break
         if submitted:
             level, text = submitted_message(*submitted)
             self.message_user(request, text, level)
@@ -245,8 +343,10 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             self.message_user(
                 request, f"Already queued, nothing new was queued for them: {' '.join(already)}", messages.WARNING
             )
-        for reason, personas in refused.items():
-            self.message_user(request, f"Nothing was queued for {_names(personas)}. {reason}", messages.ERROR)
+        for reason, group in refused.items():
+            self.message_user(request, f"Nothing was queued for {_names(group)}. {reason}", messages.ERROR)
+        for level, text in faults:
+            self.message_user(request, text, level)
 
     def image_view(self, request: HttpRequest, image_id: int) -> HttpResponseBase:
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()

@@ -6,3 +6,16 @@ from django.apps import AppConfig
 class PersonasConfig(AppConfig):
     name = "personas"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from gpuscheduler import housekeeping
+        from personas.integrity import SWEEP_SECONDS
+
+        # The scheduler sits below this app: it runs the sweep without importing personas.
+        housekeeping.register("samples-orphans", SWEEP_SECONDS, _sweep)
+
+
+def _sweep() -> object:
+    from personas.integrity import samples_sweep
+
+    return samples_sweep()

@@ -4,18 +4,46 @@ from typing import Any
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.db import models
 
+from config.numbers import parse_ascii_int
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from personas.models import Persona
 from personas.services import validate_count
 
 
+class AsciiIntegerField(forms.IntegerField):
+    """A whole number written with the digits 0-9: Django's IntegerField reads '٤', '1_6' and '+4' too."""
+
+    def to_python(self, value: Any) -> int | None:
+        if value in self.empty_values:
+            return None
+        try:
+            return parse_ascii_int(value, what="The number", signed=True)
+        except ValueError as exc:
+            raise ValidationError(str(exc), code="invalid") from None
+
+
+class AsciiModelChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
+    """A choice by id written with the digits 0-9: an IntegerField lookup took '٣' for object 3."""
+
+    def to_python(self, value: Any) -> Any:
+        if value not in self.empty_values and not isinstance(value, models.Model):
+            try:
+                parse_ascii_int(value, what="The id")
+            except ValueError:
+                raise ValidationError(
+                    self.error_messages["invalid_choice"], code="invalid_choice", params={"value": value}
+                ) from None
+        return super().to_python(value)
+
+
 class GenerateSamplesForm(forms.Form):
     """The Generate sample images button: how many, and optionally on which device."""
 
     count = forms.CharField(max_length=12, strip=True)
-    device = forms.ModelChoiceField(
+    device = AsciiModelChoiceField(
         queryset=Device.objects.all(),
         required=False,
         empty_label="Any healthy GPU (policy)",
@@ -50,6 +78,7 @@ class PersonaAdminForm(forms.ModelForm):  # type: ignore[type-arg]
             "default_sample_count",
             "base_seed",
         ]
+        field_classes = {"default_sample_count": AsciiIntegerField, "base_seed": AsciiIntegerField}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

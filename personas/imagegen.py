@@ -177,6 +177,10 @@ class Generator:
     def warm(self, model: str) -> None:
         """Load the model now, at worker start, rather than in the first job."""
         spec = parse_model(model)
+        if self.target.kind == "simulated":
+            from gpuscheduler import simulated
+
+            time.sleep(float(simulated.faults(self.target.uuid).get("load_seconds", 0)))
         if spec.kind != "simulated":
             self.pipeline(spec)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpuscheduler.worker import current_context
-from personas.services import sample_assignment_run
+from personas.attempts import sample_assignment_run
 
 
 def generate_samples(assignment_id: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from django.core.management.base import CommandError
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
+from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, connection_reset
 from gpuscheduler.models import AssignmentState, Device
 from gpuscheduler.policies import get_policy
 from gpuscheduler.selectors import device_views
@@ -24,8 +25,9 @@ from gpuscheduler.worker import (
     build_context,
     resolve_local_device,
 )
+from personas.attempts import sample_assignment_run
 from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestSource, SampleImage, SampleRequest
-from personas.services import RequestAlreadyActive, sample_assignment_run, sample_request_submit
+from personas.services import RequestAlreadyActive, sample_request_submit
 
 
 @dataclass
@@ -93,9 +95,29 @@ def requests_wait(
     ids = [r.pk for r in requests]
     deadline = time.monotonic() + timeout
     shown = -1
+    unreachable_since: float | None = None
     while True:
-        done = SampleImage.objects.filter(request__in=ids).count()
-        active = SampleRequest.objects.filter(pk__in=ids, state__in=ACTIVE_REQUEST_STATES).count()
+        # Polls run for up to an hour: check the connection first, and outlive a database
+        # restart or failover instead of ending the wait with a traceback.
+        connection_ensure_usable()
+        try:
+            done = SampleImage.objects.filter(request__in=ids).count()
+            active = SampleRequest.objects.filter(pk__in=ids, state__in=ACTIVE_REQUEST_STATES).count()
+        except CONNECTION_ERRORS as exc:
+            connection_reset()
+            if unreachable_since is None:
+                unreachable_since = time.monotonic()
+                stderr.write(f"The database does not answer ({str(exc).strip()}); still waiting, the jobs go on.")
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    "The database did not answer before --timeout passed; the jobs go on in the workers: "
+                    "check them with `python manage.py gpustatus` once the database is back."
+                ) from exc
+            time.sleep(min(5.0, poll * 4))
+            continue
+        if unreachable_since is not None:
+            stderr.write(f"The database answers again (after {time.monotonic() - unreachable_since:.0f} s).")
+            unreachable_since = None
         if progress and done != shown:
             width = 30
             filled = int(width * done / total) if total else width

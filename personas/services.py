@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -21,7 +18,6 @@ from gpuscheduler import assignments as scheduler
 from gpuscheduler import queues
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
-from personas.imagegen import AttemptLost, GeneratedImage
 from personas.models import (
     ACTIVE_REQUEST_STATES,
     MAX_SEED,
@@ -31,9 +27,6 @@ from personas.models import (
     SampleImage,
     SampleRequest,
 )
-
-if TYPE_CHECKING:
-    from gpuscheduler.worker import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +57,18 @@ class Submitted:
 
 def validate_count(count: object) -> int:
     """A sample count from a form or a command line: a whole number in 1..SAMPLES_MAX_PER_REQUEST."""
+    from config.numbers import parse_ascii_int, shown
+
     maximum = int(samples_config()["MAX_PER_REQUEST"])
     try:
-        number = int(str(count).strip())
-    except (TypeError, ValueError):
-        raise ValidationError(f"The count must be a whole number from 1 to {maximum}.", code="invalid") from None
+        # ASCII digits only: int() also reads '٤', '1_6' and '+4' as numbers.
+        number = parse_ascii_int(count, what="The count", signed=True)
+    except ValueError:
+        raise ValidationError(
+            f"The count must be a whole number from 1 to {maximum}. Write it with the digits 0-9, like 4; "
+            f"got {shown(count)}.",
+            code="invalid",
+        ) from None
     if not 1 <= number <= maximum:
         raise ValidationError(
             f"The count must be from 1 to {maximum} (SAMPLES_MAX_PER_REQUEST); {number} is out of range.",
@@ -205,6 +205,8 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
     """
     if assignment.request_id is None or assignment.request is None:
         return 0
+    if Assignment.objects.filter(pk=assignment.pk, state=AssignmentState.SUCCEEDED).exists():
+        return 0  # the database has its images: they are not the caller's to remove
     media = Path(settings.MEDIA_ROOT)
     removed = 0
     for index in assignment.indexes:
@@ -221,155 +223,20 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
     return removed
 
 
-def sample_images_commit(
-    *,
-    assignment: Assignment,
-    request: SampleRequest,
-    images: list[GeneratedImage],
-    device: Device,
-    calls: int,
-    peak_memory: int | None,
-    note: str = "",
-) -> bool:
-    """Store an attempt's images, if and only if the attempt still holds its lease.
+def sample_images_delete(*, images: list[SampleImage]) -> int:
+    """Delete image rows and, once the outermost transaction commits, their files.
 
-    Files are written first (to a temporary name, then renamed) and rows second, in one
-    transaction with the attempt's RUNNING -> SUCCEEDED claim; if the claim or the transaction
-    fails the files are removed, so neither a half-written file nor an orphan row stays behind.
+    Admin deletions run inside the admin's own transaction: files removed at once would be gone
+    for good if that transaction rolled back, leaving rows without files.
     """
-    media = Path(settings.MEDIA_ROOT)
-    written: list[Path] = []
-    rows = []
-    try:
-        for offset, image in enumerate(images):
-            index = assignment.first_index + offset
-            name = sample_image_path(
-                persona_id=request.persona_id, request_id=request.pk, index=index, assignment_id=assignment.pk
-            )
-            path = media / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".part")
-            written.append(tmp)  # a write that fails halfway must not leave its .part behind
-            tmp.write_bytes(image.png)
-            os.replace(tmp, path)
-            written.append(path)
-            rows.append(
-                SampleImage(
-                    persona_id=request.persona_id,
-                    request=request,
-                    assignment=assignment,
-                    index=index,
-                    image=name,
-                    seed=image.seed,
-                    prompt=request.persona.appearance_prompt,
-                    negative_prompt=request.persona.negative_prompt,
-                    width=image.width,
-                    height=image.height,
-                    model=request.model,
-                    steps=request.steps,
-                    device=device,
-                )
-            )
-        with transaction.atomic():
-            if not scheduler.assignment_succeed(
-                assignment_id=assignment.pk, calls=calls, peak_memory=peak_memory, note=note
-            ):
-                raise _LeaseLost
-            SampleImage.objects.bulk_create(rows)
-    except _LeaseLost:
-        log.warning("job %s lost its lease before committing: its %d images are dropped", assignment.job_id, len(rows))
-        _remove(written)
-        return False
-    except BaseException:
-        _remove(written)
-        raise
-    sample_request_refresh(request_id=request.pk)
-    return True
-
-
-class _LeaseLost(Exception):
-    pass
+    names = [img.image.name for img in images if img.image]
+    with transaction.atomic():
+        deleted, _ = SampleImage.objects.filter(pk__in=[img.pk for img in images]).delete()
+        media = Path(settings.MEDIA_ROOT)
+        transaction.on_commit(lambda: _remove([media / name for name in names]))
+    return deleted
 
 
 def _remove(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
-
-
-def sample_images_delete(*, images: list[SampleImage]) -> int:
-    """Delete image rows and, once that commits, their files."""
-    names = [img.image.name for img in images if img.image]
-    with transaction.atomic():
-        deleted, _ = SampleImage.objects.filter(pk__in=[img.pk for img in images]).delete()
-    media = Path(settings.MEDIA_ROOT)
-    _remove([media / name for name in names])
-    return deleted
-
-
-def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict[str, object]:
-    """Run one attempt in this worker: claim it, make its images in one call, commit them once.
-
-    Safe to run twice: a second delivery finds the attempt already claimed and does nothing.
-    """
-    config = samples_config()
-    assignment = scheduler.assignment_claim(
-        assignment_id=assignment_id,
-        device=context.device,
-        worker_name=context.name,
-        host=context.host,
-        timeout=float(config["JOB_TIMEOUT"]),
-    )
-    if assignment is None or assignment.request_id is None:
-        log.info("assignment %s is no longer queued (taken, cancelled or replaced): skipping", assignment_id)
-        return {"assignment": assignment_id, "skipped": True}
-    request = SampleRequest.objects.select_related("persona").get(pk=assignment.request_id)
-    sample_request_mark_started(request_id=request.pk)
-    seeds = [request.seed_for(i) for i in assignment.indexes]
-    with context.running(assignment):
-        started = time.monotonic()
-        try:
-            result = context.generator.generate(
-                model=request.model,
-                prompt=request.persona.appearance_prompt,
-                negative_prompt=request.persona.negative_prompt,
-                seeds=seeds,
-                steps=request.steps,
-                guidance=float(config["GUIDANCE"]),
-                alive=context.alive,
-            )
-        except AttemptLost:
-            return {"assignment": assignment_id, "abandoned": True}
-        except Exception as exc:
-            # Timeouts (rq's JobTimeoutException), out-of-memory at one image per call, model
-            # errors: record, free the device's memory and let another attempt try.
-            context.generator.free_memory()
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
-            retry = scheduler.assignment_fail(assignment_id=assignment_id, error=error, retryable=True)
-            log.error("assignment %s failed on %s: %s (retry: %s)", assignment_id, context.device.label, exc, retry)
-            raise
-        generated = time.monotonic()
-        committed = sample_images_commit(
-            assignment=assignment,
-            request=request,
-            images=result.images,
-            device=context.device,
-            calls=result.calls,
-            peak_memory=result.peak_memory,
-            note="\n".join(result.notes),
-        )
-        log.info(
-            "assignment %s: %d images in %d call(s) on %s: generate %.2f s, commit %.2f s",
-            assignment_id,
-            len(result.images),
-            result.calls,
-            context.device.label,
-            generated - started,
-            time.monotonic() - generated,
-        )
-    return {
-        "assignment": assignment_id,
-        "committed": committed,
-        "images": len(result.images),
-        "calls": result.calls,
-        "device": context.device.uuid,
-    }

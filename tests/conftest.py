@@ -182,7 +182,10 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
         worker: bool = False,
         **fields: Any,
     ) -> Device:
-        """A registered device; `worker=True` gives it a live worker (one heartbeat, now)."""
+        """A registered device, read a moment ago (so not stale); `worker=True` gives it a live
+        worker (one heartbeat, now)."""
+        from django.utils import timezone
+
         n = next(_counter)
         info = DeviceInfo(
             uuid=fields.pop("uuid", f"SIM-test-{n:04d}"),
@@ -193,9 +196,8 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
             speed=fields.pop("speed", 1.0),
         )
         device = device_upsert(info=info, host=settings.GPUSCHEDULER["HOST"])
+        fields = {"last_seen": timezone.now(), **fields}
         if worker:
-            from django.utils import timezone
-
             fields = {"worker_name": f"worker-{n}", "worker_seen_at": timezone.now(), "worker_state": "idle", **fields}
         Device.objects.filter(pk=device.pk).update(health=health, **fields)
         device.refresh_from_db()

@@ -24,6 +24,8 @@ os.environ.setdefault("GPU_SIMULATED", "sim*2")
 os.environ.setdefault("GPU_HOST", "testhost")
 os.environ.setdefault("SAMPLES_STEPS", "2")
 os.environ.setdefault("LOG_LEVEL", "warning")
+# The media store's free-space floor: low, so a nearly full CI disk does not pause every worker.
+os.environ.setdefault("STORAGE_MIN_FREE_MB", "1")
 
 from config.settings import *  # noqa: F403
 

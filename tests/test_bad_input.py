@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import html
 import re
+import sys
+import unicodedata
 from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib.messages import get_messages
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from config.env import env_int
+from config.numbers import is_ascii_int
 from gpuscheduler.backends import DeviceInfo
 from gpuscheduler.worker import build_context
+from personas.attempts import sample_assignment_run
 from personas.models import Persona, SampleImage, SampleRequest
-from personas.services import sample_assignment_run, sample_request_submit
+from personas.services import sample_request_submit, validate_count
 
 NASTY = st.sampled_from(
     [
@@ -165,3 +173,167 @@ def test_regenerate_samples_count_errors_say_what_is_allowed(persona, value):
 def test_admin_lists_answer_hostile_search_and_filters_without_a_500(admin_client, persona, url, value):
     response = admin_client.get(f"{url}?q={value}&device={value}&state={value}")
     assert response.status_code in (200, 302)
+
+
+# --- numbers are ASCII digits: counts and ids anywhere -------------------------------------------
+
+# Python's int() reads every one of these as a number; none is one here.
+NOT_ASCII_COUNTS = ["٤", "\uff14", "\U0001d7d2", "1_6", "+4"]  # Arabic-Indic, full-width, bold 4
+# The zero of every other set of decimal digits int() reads (Arabic-Indic, Devanagari, full width...).
+OTHER_ZEROS = [chr(c) for c in range(0x80, sys.maxunicode + 1) if unicodedata.decimal(chr(c), None) == 0]
+
+
+def in_digits(number: int, zero: str = "\u0660") -> str:
+    """The number in another script's digits: Arabic-Indic unless another zero is given."""
+    return "".join(chr(ord(zero) + int(d)) for d in str(number))
+
+
+def test_the_digit_sets_under_test_are_numbers_to_python():
+    assert len(OTHER_ZEROS) > 50
+    assert [int(in_digits(123, zero)) for zero in OTHER_ZEROS] == [123] * len(OTHER_ZEROS)
+
+
+@FAST
+@given(number=st.integers(min_value=1, max_value=16), zero=st.sampled_from(OTHER_ZEROS))
+def test_a_count_in_any_other_digits_is_never_read_as_a_number(number, zero):
+    text = in_digits(number, zero)
+    with pytest.raises(ValidationError, match="Write it with the digits 0-9, like 4"):
+        validate_count(text)
+    assert not is_ascii_int(text)
+    assert validate_count(f" {number} ") == number
+
+
+@pytest.mark.parametrize("count", NOT_ASCII_COUNTS)
+def test_the_button_refuses_a_count_not_written_with_ascii_digits(admin_client, persona, device_factory, count):
+    device_factory("H100", worker=True)
+    response = admin_client.post(reverse("admin:personas_persona_generate", args=[persona.pk]), {"count": count})
+    assert [str(m) for m in get_messages(response.wsgi_request)] == [
+        "Nothing was queued. Count: The count must be a whole number from 1 to 16. "
+        f"Write it with the digits 0-9, like 4; got {count!r}."
+    ]
+    assert not SampleRequest.objects.exists()
+
+
+@pytest.mark.parametrize("field", ["default_sample_count", "base_seed"])
+@pytest.mark.parametrize("value", NOT_ASCII_COUNTS)
+def test_the_persona_form_refuses_numbers_not_written_with_ascii_digits(admin_client, persona_factory, field, value):
+    persona = persona_factory(default_sample_count=2, base_seed=7)
+    data = {
+        "name": persona.name,
+        "slug": persona.slug,
+        "appearance_prompt": persona.appearance_prompt,
+        "default_sample_count": "2",
+        "base_seed": "7",
+        field: value,
+    }
+    response = admin_client.post(reverse("admin:personas_persona_change", args=[persona.pk]), data)
+    assert response.status_code == 200
+    assert f"The number must be written with the digits 0-9, like 4; got {value!r}." in html.unescape(
+        response.content.decode()
+    )
+    persona.refresh_from_db()
+    assert (persona.default_sample_count, persona.base_seed) == (2, 7)
+
+
+@pytest.mark.parametrize("count", NOT_ASCII_COUNTS)
+def test_regenerate_samples_refuses_a_count_not_written_with_ascii_digits(persona, device_factory, count):
+    device_factory("H100")
+    with pytest.raises(CommandError, match="Write it with the digits 0-9, like 4"):
+        call_command("regenerate_samples", "--persona", persona.slug, "--count", count, "--dry-run")
+
+
+@pytest.mark.parametrize(
+    ("url_name", "method", "expected"),
+    [
+        ("change", "get", 302),  # the admin's "Persona with ID … doesn't exist" redirect
+        ("history", "get", 302),
+        ("delete", "get", 302),
+        ("generate", "post", 404),
+        ("progress", "get", 404),
+    ],
+)
+def test_a_persona_id_in_other_digits_finds_no_persona_in_admin_urls(
+    admin_client, persona, device_factory, url_name, method, expected
+):
+    device_factory("H100", worker=True)
+    url = reverse(f"admin:personas_persona_{url_name}", args=[in_digits(persona.pk)])
+    response = getattr(admin_client, method)(url, {"count": "2"} if method == "post" else {})
+    assert response.status_code == expected
+    if expected == 302:
+        assert response["Location"] == reverse("admin:index")
+    assert not SampleRequest.objects.exists()
+    # The same URL with the ASCII id finds it: the refusal is about the digits, not the persona.
+    assert admin_client.get(reverse("admin:personas_persona_change", args=[persona.pk])).status_code == 200
+
+
+def test_a_device_id_in_other_digits_finds_no_device(admin_client, device_factory):
+    device = device_factory("H100")
+    response = admin_client.get(reverse("admin:gpuscheduler_device_change", args=[in_digits(device.pk)]))
+    assert (response.status_code, response["Location"]) == (302, reverse("admin:index"))
+
+
+@pytest.mark.parametrize(
+    ("url_name", "query"),
+    [
+        ("personas_samplerequest_changelist", "persona__id__exact={persona}"),
+        ("personas_samplerequest_changelist", "persona={persona}"),
+        ("gpuscheduler_assignment_changelist", "device__id__exact={device}"),
+        ("gpuscheduler_assignment_changelist", "device={device}"),
+        ("personas_persona_changelist", "id__in=1,{persona}"),
+        ("personas_persona_changelist", "p=٢"),
+        ("personas_persona_changelist", "o=٢"),
+        ("gpuscheduler_assignment_changelist", "queued_at__year=٢٠٢٦"),
+    ],
+)
+def test_list_filters_in_other_digits_are_bad_lookups_not_matches(
+    admin_client, persona, device_factory, url_name, query
+):
+    device = device_factory("H100")
+    url = reverse(f"admin:{url_name}")
+    response = admin_client.get(f"{url}?{query.format(persona=in_digits(persona.pk), device=in_digits(device.pk))}")
+    assert (response.status_code, response["Location"]) == (302, f"{url}?e=1")
+
+
+def test_a_filter_in_other_digits_with_the_error_flag_shows_the_error_page_not_the_matches(admin_client, persona):
+    SampleRequest.objects.create(persona=persona, count=2, first_seed=0, model="tiny", steps=2, state="succeeded")
+    url = reverse("admin:personas_samplerequest_changelist")
+    response = admin_client.get(f"{url}?e=1&persona__id__exact={in_digits(persona.pk)}")
+    assert response.status_code == 200
+    assert "Database error" in response.content.decode()
+    assert persona.name not in response.content.decode()
+
+
+def test_the_gpu_status_page_ignores_a_device_filter_in_other_digits(admin_client, device_factory):
+    device = device_factory("H100")
+    url = reverse("admin:gpuscheduler_gpustatuspage_data")
+    assert admin_client.get(url, {"device": str(device.pk)}).json()["filters"]["device"] == device.pk
+    assert admin_client.get(url, {"device": in_digits(device.pk)}).json()["filters"]["device"] is None
+
+
+def test_the_button_refuses_a_device_id_in_other_digits(admin_client, persona, device_factory):
+    device = device_factory("H100", worker=True)
+    url = reverse("admin:personas_persona_generate", args=[persona.pk])
+    response = admin_client.post(url, {"count": "2", "device": in_digits(device.pk)})
+    (message,) = [str(m) for m in get_messages(response.wsgi_request)]
+    assert message.startswith("Nothing was queued. Device: That device does not exist")
+    assert not SampleRequest.objects.exists()
+
+
+def test_regenerate_samples_refuses_a_persona_id_in_other_digits(persona, device_factory):
+    device_factory("H100")
+    with pytest.raises(CommandError, match="Ids and indexes are written with the digits 0-9"):
+        call_command("regenerate_samples", "--persona", in_digits(persona.pk), "--dry-run")
+
+
+def test_regenerate_samples_refuses_a_device_index_in_other_digits(persona, device_factory):
+    device = device_factory("H100", worker=True)
+    with pytest.raises(CommandError, match=r"Unknown device .*Ids and indexes are written with the digits 0-9"):
+        call_command("regenerate_samples", "--persona", persona.slug, "--device", in_digits(device.index), "--dry-run")
+    call_command("regenerate_samples", "--persona", persona.slug, "--device", str(device.index), "--dry-run")
+
+
+@pytest.mark.parametrize("value", [in_digits(16), in_digits(16, "\uff10"), "1_6", "+16"])
+def test_settings_refuse_whole_numbers_not_written_with_ascii_digits(monkeypatch, value):
+    monkeypatch.setenv("SAMPLES_MAX_PER_REQUEST", value)
+    with pytest.raises(ImproperlyConfigured, match=re.escape("is not a whole number: set it to e.g. 16 (the digits")):
+        env_int("SAMPLES_MAX_PER_REQUEST", 16)

@@ -10,7 +10,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.core.checks import Error, Warning
+from django.core.checks import Error, Warning, run_checks
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import (
@@ -245,6 +245,66 @@ def test_a_bad_https_switch_stops_the_import_naming_the_variable(tmp_path, name)
     result = settings_in_a_fresh_process(tmp_path, **{name: "https"})
     assert result.returncode != 0
     assert f"ImproperlyConfigured: {name}='https' is not a boolean" in result.stderr
+
+
+def login_settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Import config.settings with this environment; print the login throttling settings as JSON."""
+    code = (
+        "import json; from config import settings as s; print(json.dumps([s.AXES_FAILURE_LIMIT, "
+        "s.AXES_COOLOFF_TIME.total_seconds(), s.AXES_LOCKOUT_PARAMETERS, s.AUTHENTICATION_BACKENDS[0], "
+        "s.MIDDLEWARE[-1], s.BEHIND_PROXY]))"
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "LOGIN_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**environment, "DATA_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_logins_lock_after_five_failures_per_username_and_address_for_fifteen_minutes_by_default(tmp_path):
+    result = login_settings_in_a_fresh_process(tmp_path)
+    assert json.loads(result.stdout) == [
+        5,
+        900.0,
+        [["username", "ip_address"]],
+        "axes.backends.AxesStandaloneBackend",
+        "axes.middleware.AxesMiddleware",
+        False,
+    ]
+
+
+def test_the_login_limit_and_cool_off_come_from_the_environment(tmp_path):
+    result = login_settings_in_a_fresh_process(
+        tmp_path, LOGIN_FAILURE_LIMIT="10", LOGIN_COOLOFF_MINUTES="60", DJANGO_BEHIND_PROXY="1"
+    )
+    assert json.loads(result.stdout)[:2] == [10, 3600.0]
+    assert json.loads(result.stdout)[-1] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LOGIN_FAILURE_LIMIT", "0", "LOGIN_FAILURE_LIMIT=0 is too small: it must be at least 1"),
+        ("LOGIN_FAILURE_LIMIT", "five", "LOGIN_FAILURE_LIMIT='five' is not a whole number"),
+        ("LOGIN_FAILURE_LIMIT", "\u0665", "LOGIN_FAILURE_LIMIT='\u0665' is not a whole number"),
+        ("LOGIN_COOLOFF_MINUTES", "0", "LOGIN_COOLOFF_MINUTES=0 is too small: it must be at least 1"),
+        ("LOGIN_COOLOFF_MINUTES", "10081", "LOGIN_COOLOFF_MINUTES=10081 is too large: it must be at most 10080"),
+        ("LOGIN_COOLOFF_MINUTES", "1.5", "LOGIN_COOLOFF_MINUTES='1.5' is not a whole number"),
+    ],
+)
+def test_a_bad_login_throttling_setting_stops_the_import_naming_the_variable(tmp_path, name, value, message):
+    result = login_settings_in_a_fresh_process(tmp_path, **{name: value})
+    assert result.returncode != 0
+    assert f"ImproperlyConfigured: {message}" in result.stderr
+
+
+def test_django_axes_finds_its_backend_middleware_and_an_address_in_the_lockout_parameters():
+    problems = [p for p in run_checks(include_deployment_checks=False) if p.id.startswith("axes.")]
+    assert problems == []
 
 
 # --- system checks ------------------------------------------------------------------------------

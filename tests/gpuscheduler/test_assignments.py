@@ -168,9 +168,9 @@ def test_the_heartbeat_never_stops_a_job_it_did_not_find_abandoned(persona, thre
     with context.running(first, report=False):
         pass
     with context.running(second, report=False):
-        context.mark_lost(first.pk)  # a late verdict about the job that already ended
+        context.mark_lost(first.pk, AssignmentState.ABANDONED)  # a late verdict about the job that already ended
         assert context.alive()
-        context.mark_lost(second.pk)
+        context.mark_lost(second.pk, AssignmentState.ABANDONED)
         assert not context.alive()
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -91,7 +92,7 @@ def snapshots(
 def attach_worker(device: Device, *, state: str = WorkerState.IDLE, assignment: Assignment | None = None) -> None:
     Device.objects.filter(pk=device.pk).update(
         worker_name=f"gpu-{device.pk}",
-        worker_pid=123,
+        worker_pid=os.getpid(),  # a live process of this host: a dead pid shows the worker missing
         worker_state=state,
         worker_seen_at=timezone.now(),
         current_assignment=assignment,
@@ -323,7 +324,7 @@ def test_page_renders_a_card_and_a_chart_for_every_device(
     data = operator_client.get(reverse(DATA), {"fragments": "1"}).json()
     assert len(data["devices"]) == len(devices)
     assert data["html"]["cards"].count('<svg class="gpu-chart"') == len(devices)
-    assert set(data["html"]) == {"cards", "queues", "assignments"}
+    assert set(data["html"]) == {"storage", "cards", "queues", "assignments"}
 
 
 def test_page_ships_its_refresh_script_and_the_places_it_fills(operator_client: Any) -> None:
@@ -331,7 +332,7 @@ def test_page_ships_its_refresh_script_and_the_places_it_fills(operator_client: 
 
     assert f'data-url="{reverse(DATA)}"' in html
     assert f'<script src="{static("gpuscheduler/status.js")}" defer>' in html
-    for target in ("gpu-cards", "gpu-queues", "gpu-assignments"):
+    for target in ("gpu-storage", "gpu-cards", "gpu-queues", "gpu-assignments"):
         assert f'id="{target}"' in html
     script = (Path(__file__).resolve().parents[2] / "gpuscheduler/static/gpuscheduler/status.js").read_text()
     assert "fragments" in script and "innerHTML" in script

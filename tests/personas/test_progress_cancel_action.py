@@ -13,9 +13,10 @@ from django.urls import reverse
 from gpuscheduler import queues
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState
+from personas.attempts import sample_images_commit
 from personas.imagegen import placeholder_image
 from personas.models import RequestSource, RequestState, SampleImage, SampleRequest
-from personas.services import sample_images_commit, sample_request_submit
+from personas.services import sample_request_submit
 
 VIEW = ("personas.view_persona",)
 CHANGE = ("personas.view_persona", "personas.change_persona")

@@ -10,12 +10,12 @@ from django.db import IntegrityError, transaction
 from gpuscheduler import queues
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState
+from personas.attempts import sample_images_commit
 from personas.imagegen import placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import (
     RequestAlreadyActive,
     sample_image_path,
-    sample_images_commit,
     sample_request_cancel,
     sample_request_refresh,
     sample_request_submit,
@@ -257,30 +257,6 @@ def test_a_commit_that_fails_in_the_database_removes_its_files(running, settings
     assert SampleImage.objects.filter(request=request).count() == 1
     assignment.refresh_from_db()
     assert assignment.state == AssignmentState.RUNNING, "the attempt's success was rolled back with the rows"
-
-
-def test_a_disk_error_while_writing_leaves_no_partial_file(running, settings, monkeypatch):
-    request, assignment, device = running
-    real_write = Path.write_bytes
-    writes = []
-
-    def disk_full_on_second_file(self: Path, data: bytes) -> int:
-        writes.append(self.name)
-        if len(writes) == 2:
-            real_write(self, data[:10])
-            raise OSError(28, "No space left on device")
-        return real_write(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", disk_full_on_second_file)
-
-    with pytest.raises(OSError, match="No space left"):
-        commit(request, assignment, device)
-
-    assert all(name.endswith(".png.part") for name in writes)
-    assert media_files(settings) == [], "neither the first PNG nor the second one's .part file stays behind"
-    assert SampleImage.objects.count() == 0
-    assignment.refresh_from_db()
-    assert assignment.state == AssignmentState.RUNNING
 
 
 def test_image_paths_are_built_from_ids_only():

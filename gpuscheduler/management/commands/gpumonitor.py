@@ -8,10 +8,12 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
 
+from gpuscheduler import housekeeping
 from gpuscheduler.assignments import assignments_recover_in_turn
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.services import snapshots_compact, snapshots_record
+from gpuscheduler.storage import store_check, store_refresh
 
 COMPACT_EVERY_SECONDS = 60.0
 log = logging.getLogger(__name__)
@@ -19,8 +21,8 @@ log = logging.getLogger(__name__)
 
 class Command(BaseCommand):
     help = (
-        "Read every device of this host, store snapshots, mark unhealthy devices, re-run the work of "
-        "dead workers, and keep the snapshot history bounded."
+        "Read every device and the media store of this host, store snapshots, mark unhealthy devices, "
+        "re-run the work of dead workers, and keep the snapshot history bounded."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -48,11 +50,15 @@ class Command(BaseCommand):
                 if once:
                     for snap in snapshots_record(backend=backend, host=config["HOST"]):
                         self.stdout.write(f"{snap.device.label}: {snap.health} {snap.error}".rstrip())
+                    store = store_check(host=config["HOST"])
+                    self.stdout.write(f"media store: {'healthy' if store.healthy else 'unhealthy'} {store.reason}")
                     return
                 try:
                     close_old_connections()
                     snapshots_record(backend=backend, host=config["HOST"])
+                    store_refresh(host=config["HOST"])
                     assignments_recover_in_turn()
+                    housekeeping.run_due()  # chores apps register (personas: the orphan sweep)
                     if started - last_compact > COMPACT_EVERY_SECONDS:
                         snapshots_compact()
                         last_compact = started

@@ -13,6 +13,7 @@
     var updated = document.getElementById("gpu-status-updated");
     var error = document.getElementById("gpu-status-error");
     var parts = {
+      storage: document.getElementById("gpu-storage"),
       cards: document.getElementById("gpu-cards"),
       queues: document.getElementById("gpu-queues"),
       assignments: document.getElementById("gpu-assignments"),

@@ -7,8 +7,9 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, transaction
 
+from config.numbers import is_ascii_int
 from gpuscheduler import queues
 from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.selectors import device_resolve
@@ -46,6 +47,17 @@ class Command(BaseCommand):
             "the jobs go on in the workers and the exit status is 1.",
         )
 
+    def execute(self, *args: Any, **options: Any) -> str | None:
+        try:
+            return super().execute(*args, **options)
+        except (DatabaseError, InterfaceError) as exc:  # a deadlock, a lost connection, a timeout
+            # Each persona's request is one transaction: a fault rolls back only the one it hit.
+            said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CommandError(
+                f"The database did not answer ({said}). Requests reported as queued above stand; nothing else "
+                "was queued. Try again in a moment."
+            ) from exc
+
     def handle(self, *args: Any, **options: Any) -> None:
         started = time.monotonic()
         personas = self.resolve_personas(options["persona"], options["all"])
@@ -70,6 +82,7 @@ class Command(BaseCommand):
             if device is None:
                 raise CommandError(
                     f"Unknown device {options['device']!r}: see `python manage.py gpustatus` for the devices."
+                    f"{_digits_hint(options['device'])}"
                 )
         try:
             queues.redis_connection().ping()
@@ -123,7 +136,7 @@ class Command(BaseCommand):
         for value in values:
             text = value.strip()
             persona = None
-            if text.isascii() and text.isdigit() and len(text) < 19:
+            if is_ascii_int(text) and len(text) < 19:
                 persona = Persona.objects.filter(pk=int(text)).first()
             # Slugs are short and printable: anything else names no persona (and PostgreSQL
             # would refuse a NUL in the query).
@@ -133,6 +146,7 @@ class Command(BaseCommand):
                 shown = text if text.isprintable() and len(text) <= 80 else repr(text[:80])
                 raise CommandError(
                     f"Unknown persona {shown}: give a persona id or slug (see the admin's persona list)."
+                    f"{_digits_hint(text)}"
                 )
             if persona not in personas:
                 personas.append(persona)
@@ -152,7 +166,10 @@ class Command(BaseCommand):
         if options["device"]:
             device = device_resolve(options["device"])
             if device is None:
-                raise CommandError(f"Unknown device {options['device']!r}: see `python manage.py gpustatus`.")
+                raise CommandError(
+                    f"Unknown device {options['device']!r}: see `python manage.py gpustatus`."
+                    f"{_digits_hint(options['device'])}"
+                )
         from personas.models import SampleRequest
 
         plan = []
@@ -202,3 +219,9 @@ class Command(BaseCommand):
             self.stderr.write("Timed out before every job ended; the rest goes on in the workers.")
         if summary["failed"] or report.skipped or report.timed_out:
             sys.exit(1)
+
+
+def _digits_hint(text: str) -> str:
+    if any(ch.isdigit() and not ch.isascii() for ch in text):
+        return " Ids and indexes are written with the digits 0-9, like 3."
+    return ""
