@@ -1,6 +1,6 @@
 """Writes of the scheduler's assignments: placement, the life of one attempt (claim, heartbeat,
-finish, fail and retry, hand-off), canary records, and recovery from dead workers and lost Redis
-data.
+finish, fail and retry, hand-off) and canary records. Recovery from dead workers and lost Redis
+data is in gpuscheduler/recovery.py.
 
 An assignment is one attempt at one chunk of a request's images. Every change of its state is a
 conditional UPDATE whose row count says who won, so workers, monitors and reconcilers on any
@@ -13,17 +13,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from gpuscheduler import queues
-from gpuscheduler.conf import gpu_config, lease, samples_config
+from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.models import (
-    LIVE_STATES,
     Assignment,
     AssignmentKind,
     AssignmentState,
@@ -268,8 +265,8 @@ def assignment_fail(*, assignment_id: int, error: str, retryable: bool = True) -
         )
         if not ended:
             return None
-        retry = _retry(old, reason=error) if can_retry else None
-    _after_attempt(old, discard_files=False)
+        retry = assignment_retry(old, reason=error) if can_retry else None
+    assignment_ended(old, discard_files=False)
     return retry
 
 
@@ -299,7 +296,7 @@ def assignment_requeue(*, assignment_id: int, error: str) -> bool:
     return bool(requeued)
 
 
-def _retry(old: Assignment, *, reason: str) -> Assignment | None:
+def assignment_retry(old: Assignment, *, reason: str) -> Assignment | None:
     """Place the next attempt of `old`'s chunk (the same images, in one chunk), away from the
     device it failed on if possible. None, and `old` marked failed, when there is no retry."""
     assert old.request_id is not None, "only sample attempts are retried"
@@ -359,7 +356,7 @@ def _retry(old: Assignment, *, reason: str) -> Assignment | None:
     return retry
 
 
-def _after_attempt(old: Assignment, *, discard_files: bool) -> None:
+def assignment_ended(old: Assignment, *, discard_files: bool) -> None:
     """Tell the personas app an attempt ended: its request's state, and files it may have left."""
     if old.request_id is None:
         return
@@ -404,128 +401,3 @@ def canary_finish(*, assignment_id: int, passed: bool, error: str = "") -> bool:
             error=error[-5000:],
         )
     )
-
-
-# --- recovery ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RecoveryReport:
-    abandoned: list[str] = field(default_factory=list)
-    requeued: list[str] = field(default_factory=list)
-    repaired_requests: list[int] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.abandoned or self.requeued or self.repaired_requests)
-
-
-# Every idle worker and gpumonitor offer to reconcile this often; one of them, cluster-wide, does.
-RECOVERY_SECONDS = 2.0
-
-
-def assignments_recover_in_turn() -> RecoveryReport | None:
-    """Reconcile unless another process (gpumonitor, or a worker on any host) did so within
-    RECOVERY_SECONDS; None when it was not this caller's turn. Recovery then keeps working when
-    the monitor is down, without N workers each scanning every queue every 2 s."""
-    if not queues.take_turn("recover", RECOVERY_SECONDS):
-        return None
-    return assignments_recover()
-
-
-def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5.0) -> RecoveryReport:
-    """Find attempts whose worker died or hung, and jobs Redis lost; re-run them exactly once.
-
-    - A RUNNING attempt whose heartbeat is older than the lease (the worker died, or hangs
-      holding the GIL) or that ran past its deadline is ABANDONED and its chunk placed again.
-      If the old attempt is still alive somewhere, its commit finds the row ABANDONED and drops
-      its images; files it had already renamed into place are removed here.
-    - A QUEUED attempt that is not on its Redis queue (Redis was down at enqueue, lost its data,
-      or a worker died between popping it and claiming it) is enqueued again. A copy delivered
-      twice is harmless: only one execution can claim the row.
-    """
-    now = now or timezone.now()
-    report = RecoveryReport()
-    stale = Assignment.objects.filter(state=AssignmentState.RUNNING).filter(
-        Q(heartbeat_at__lt=now - lease()) | Q(deadline_at__lt=now - DEADLINE_GRACE)
-    )
-    for old in stale.select_related("device", "request")[:200]:
-        timed_out = old.deadline_at is not None and old.deadline_at < now - DEADLINE_GRACE
-        why = (
-            f"ran past its deadline ({old.deadline_at:%H:%M:%S})"
-            if timed_out
-            else f"worker {old.worker_name or '?'} stopped sending heartbeats (last {old.heartbeat_at:%H:%M:%S})"
-        )
-        with transaction.atomic():
-            # Only the reconciler whose UPDATE matches the stale row abandons it.
-            won = Assignment.objects.filter(
-                pk=old.pk, state=AssignmentState.RUNNING, heartbeat_at=old.heartbeat_at
-            ).update(state=AssignmentState.ABANDONED, finished_at=now, error=why)
-            if not won:
-                continue
-            if old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]:
-                _retry(old, reason=why)
-            else:
-                Assignment.objects.filter(pk=old.pk).update(
-                    state=AssignmentState.FAILED, error=f"{why}; no attempts left" if old.request_id else why
-                )
-        # After the commit, in a statement of its own: locking this device row inside the
-        # transaction, before placement locks every row in pk order, deadlocked with a press.
-        Device.objects.filter(current_assignment=old).update(current_assignment=None)
-        report.abandoned.append(old.job_id)
-        _after_attempt(old, discard_files=True)
-
-    report.requeued = _requeue_missing(now=now, grace=timedelta(seconds=requeue_grace))
-    report.repaired_requests = _repair_requests()
-    if report:
-        log.warning(
-            "recovery: abandoned %s, re-enqueued %s, repaired requests %s",
-            report.abandoned,
-            report.requeued,
-            report.repaired_requests,
-        )
-    return report
-
-
-def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
-    waiting = list(
-        Assignment.objects.filter(state=AssignmentState.QUEUED, queued_at__lt=now - grace).order_by("id")[:1000]
-    )
-    if not waiting:
-        return []
-    try:
-        connection = queues.redis_connection()
-        present = {name: queues.queue_job_ids(name, connection) for name in {a.queue_name for a in waiting}}
-    except queues.REDIS_ERRORS as exc:
-        log.info("reconciler: Redis unavailable (%s); will retry", exc)
-        return []
-    missing = [a.pk for a in waiting if a.job_id not in present[a.queue_name]]
-    if not missing:
-        return []
-    # Read again, in one query, what is still queued: skip what was (re-)enqueued within the
-    # grace, which may have been popped a moment ago and be about to be claimed. A job popped
-    # earlier and never claimed (its worker died in between, or handed it on) is enqueued again;
-    # a second copy cannot be claimed twice.
-    fresh = list(
-        Assignment.objects.filter(pk__in=missing, state=AssignmentState.QUEUED)
-        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lte=now - grace))
-        .order_by("id")
-    )
-    done = queues.enqueue_assignments(fresh)
-    return [a.job_id for a in fresh[:done]]
-
-
-def _repair_requests() -> list[int]:
-    """Active requests with no live attempt left (a crash between two writes) get their final state."""
-    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
-    from personas.services import sample_request_refresh
-
-    orphaned = (
-        SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=timezone.now() - timedelta(seconds=5))
-        .exclude(assignments__state__in=LIVE_STATES)
-        .values_list("pk", flat=True)[:100]
-    )
-    repaired = []
-    for request_id in orphaned:
-        sample_request_refresh(request_id=request_id)
-        repaired.append(request_id)
-    return repaired

@@ -74,7 +74,7 @@ def enqueue_assignments(assignments: list[Assignment]) -> int:
     """Enqueue what can be enqueued now; return how many reached Redis.
 
     A Redis outage is not an error here: the rows stay QUEUED with no `enqueued_at`, and the
-    reconciler (gpuscheduler.assignments.assignments_recover) enqueues them once Redis answers.
+    reconciler (gpuscheduler.recovery.assignments_recover) enqueues them once Redis answers.
     """
     done = 0
     try:

@@ -1,6 +1,6 @@
 """Writes of the scheduler about devices: registration, health and admission, snapshots and
-their bounded history, and which worker holds which device. Assignments (placement, attempts,
-recovery) are in gpuscheduler/assignments.py.
+their bounded history, and which worker holds which device. Assignments (placement, attempts)
+are in gpuscheduler/assignments.py, recovery in gpuscheduler/recovery.py.
 
 Every shared-state change is a conditional UPDATE whose row count says who won, so monitors and
 workers on any number of hosts may run the same code at once.

@@ -7,10 +7,9 @@ re-initialize CUDA in forked subprocess"). SimpleWorker runs jobs in its own pro
 pipelines stay warm: the first job loads the model, later ones start at once.
 
 What SimpleWorker lacks, and how this module adds it:
-- Heartbeats during a job: SimpleWorker sends none while a job runs. A daemon thread renews the
-  attempt's lease in the database (which the reconciler reads to detect dead workers within
-  GPU_LEASE_SECONDS instead of rq's 90-690 s), this worker's presence on its device row and rq's
-  own worker/execution heartbeats, every GPU_HEARTBEAT_INTERVAL seconds.
+- Heartbeats during a job: SimpleWorker sends none while a job runs. A daemon thread
+  (gpuscheduler/heartbeat.py) renews the attempt's lease, the worker's presence on its device
+  and rq's own heartbeats, from the moment the worker attaches to its device.
 - Hangs in native code: rq's SIGALRM timeout cannot interrupt a CUDA call. A watchdog child
   process is told each job's deadline through a pipe and SIGKILLs this worker when the deadline
   plus GPU_WATCHDOG_GRACE passes; `gpuworkers` restarts it and the reconciler re-runs the work.
@@ -22,31 +21,26 @@ What SimpleWorker lacks, and how this module adds it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, close_old_connections
 from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 
-from gpuscheduler import assignments, queues, storage
+from gpuscheduler import assignments, queues, recovery, storage
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
 from gpuscheduler.conf import gpu_config, lease, samples_config
+from gpuscheduler.heartbeat import Heartbeat, WorkerContext, set_context
 from gpuscheduler.models import (
-    Assignment,
-    AssignmentState,
     Device,
     Health,
     WorkerState,
@@ -59,135 +53,6 @@ log = logging.getLogger(__name__)
 DEQUEUE_POLL_SECONDS = 1  # the longest a worker blocks on Redis before it looks at its device again
 QUEUE_REFRESH_SECONDS = 10.0
 CANARY_FIRST_PAUSE, CANARY_MAX_PAUSE = 5.0, 300.0
-
-
-@dataclass
-class WorkerContext:
-    """What a job running in this process needs to know about the worker it runs in."""
-
-    device: Device
-    name: str
-    host: str
-    generator: Any  # personas.imagegen.Generator: typed loosely to keep torch's adapter out of imports
-    backend: Backend | None = None
-    assignment_id: int | None = None
-    lost: threading.Event = field(default_factory=threading.Event)
-    watchdog: Watchdog | None = None
-    _switch: threading.Lock = field(default_factory=threading.Lock)
-
-    def alive(self) -> bool:
-        return not self.lost.is_set()
-
-    def mark_lost(self, assignment_id: int, state: str | None) -> None:
-        """The heartbeat found `assignment_id` no longer running and in `state`: stop its work,
-        unless the job already ended (the heartbeat may have read the id just before the job
-        finished and the next one began) or ended well: the row of an attempt that has just
-        committed (or gone back to waiting after a storage fault) is no longer RUNNING either,
-        and the job is about to leave its `running` block; that is no alarm."""
-        if state in (AssignmentState.SUCCEEDED, AssignmentState.QUEUED):
-            return
-        with self._switch:
-            if self.assignment_id == assignment_id and not self.lost.is_set():
-                log.warning("assignment %s is %s in the database; stopping its work", assignment_id, state or "gone")
-                self.lost.set()
-
-    @contextlib.contextmanager
-    def running(self, assignment: Assignment, *, report: bool = True) -> Iterator[None]:
-        """Mark an attempt as this worker's current one while its body runs."""
-        with self._switch:
-            self.assignment_id = assignment.pk
-            self.lost.clear()
-        if report:
-            scheduler.worker_beat(
-                device=self.device, name=self.name, state=WorkerState.BUSY, assignment_id=assignment.pk
-            )
-        try:
-            yield
-        finally:
-            with self._switch:
-                self.assignment_id = None
-            if report:
-                scheduler.worker_beat(device=self.device, name=self.name, state=WorkerState.IDLE)
-
-
-_context: WorkerContext | None = None
-
-
-def set_context(context: WorkerContext | None) -> None:
-    global _context
-    _context = context
-
-
-def current_context() -> WorkerContext:
-    if _context is None:
-        raise RuntimeError(
-            "This job runs only inside `python manage.py gpuworker` (or regenerate_samples --sync): "
-            "a plain rqworker is not bound to a device."
-        )
-    return _context
-
-
-# --- heartbeats -------------------------------------------------------------------------------
-
-
-class Heartbeat(threading.Thread):
-    """Keeps the attempt's lease, the device's worker presence and rq's heartbeats alive."""
-
-    def __init__(
-        self, context: WorkerContext, interval: float, worker: GpuWorker | None = None, *, presence: bool = False
-    ) -> None:
-        super().__init__(name="gpuworker-heartbeat", daemon=True)
-        self.context = context
-        self.worker = worker
-        # A worker holds its device from the moment it attaches: while it loads its model
-        # (12-18 s for a real one, longer than the lease) its presence is renewed as STARTING.
-        # A --sync run holds no worker slot.
-        self.presence = presence or worker is not None
-        self.interval = interval
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.beat()
-            except Exception:  # a Redis or database blip must not end the heartbeats
-                log.exception("heartbeat failed; trying again in %.1f s", self.interval)
-                close_old_connections()
-            if self.stopping.wait(self.interval):
-                break
-        connection.close()
-
-    def beat(self) -> None:
-        context = self.context
-        assignment_id = context.assignment_id
-        if assignment_id is not None and not assignments.assignment_heartbeat(assignment_id=assignment_id):
-            context.mark_lost(assignment_id, assignments.assignment_state(assignment_id=assignment_id))
-        if not self.presence:
-            return  # a --sync run holds no worker slot and no rq registration
-        if self.worker is None:
-            state = WorkerState.BUSY if assignment_id else WorkerState.STARTING
-        else:
-            state = WorkerState.BUSY if assignment_id else self.worker.idle_state
-        if not scheduler.worker_beat(
-            device=context.device, name=context.name, state=state, assignment_id=assignment_id
-        ):
-            log.error("another worker has taken over %s; this one stops after its current job", context.device.label)
-            if self.worker is None:
-                os.kill(os.getpid(), signal.SIGTERM)  # still loading its model: stop now, cleanly
-                return
-            self.worker.request_stop_soon()
-        if self.worker is None or self.worker.birth_date is None:
-            return  # rq has not registered the worker yet: a heartbeat now would make its key exist
-        with contextlib.suppress(*queues.REDIS_ERRORS):
-            job, execution = self.worker.running
-            if job is not None and execution is not None:
-                self.worker.maintain_heartbeats(job, execution)
-            else:
-                self.worker.heartbeat()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=self.interval + 5)
 
 
 # --- the worker ---------------------------------------------------------------------------------
@@ -368,9 +233,9 @@ class GpuWorker(SimpleWorker):
                 self._canary_pause = min(self._canary_pause * 2, CANARY_MAX_PAUSE)
         if now - self._last_queue_refresh > QUEUE_REFRESH_SECONDS:
             self.refresh_queues()
-        if now - self._last_recovery > assignments.RECOVERY_SECONDS:
+        if now - self._last_recovery > recovery.RECOVERY_SECONDS:
             self._last_recovery = now
-            assignments.assignments_recover_in_turn()
+            recovery.assignments_recover_in_turn()
         admitted = device.health == Health.HEALTHY
         if admitted:
             # A full or read-only media folder stops new work like a full GPU (gpuscheduler/storage.py).

@@ -32,7 +32,7 @@ from personas.models import SampleImage, SampleRequest
 from personas.services import sample_image_path, sample_request_mark_started, sample_request_refresh
 
 if TYPE_CHECKING:
-    from gpuscheduler.worker import WorkerContext
+    from gpuscheduler.heartbeat import WorkerContext
 
 log = logging.getLogger(__name__)
 

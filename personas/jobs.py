@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpuscheduler.worker import current_context
+from gpuscheduler.heartbeat import current_context
 from personas.attempts import sample_assignment_run
 
 

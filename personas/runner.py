@@ -14,17 +14,11 @@ from gpuscheduler import services as scheduler
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, connection_reset
+from gpuscheduler.heartbeat import Heartbeat, WorkerContext
 from gpuscheduler.models import AssignmentState, Device
 from gpuscheduler.policies import get_policy
 from gpuscheduler.selectors import device_views
-from gpuscheduler.worker import (
-    DeviceNotFound,
-    Heartbeat,
-    WorkerContext,
-    bind_process,
-    build_context,
-    resolve_local_device,
-)
+from gpuscheduler.worker import DeviceNotFound, bind_process, build_context, resolve_local_device
 from personas.attempts import sample_assignment_run
 from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestSource, SampleImage, SampleRequest
 from personas.services import RequestAlreadyActive, sample_request_submit

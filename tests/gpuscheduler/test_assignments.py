@@ -11,16 +11,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from gpuscheduler import queues
-from gpuscheduler.assignments import (
-    assignment_claim,
-    assignment_fail,
-    assignments_place,
-    assignments_recover,
-    assignments_recover_in_turn,
-)
+from gpuscheduler.assignments import assignment_claim, assignment_fail, assignments_place
+from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState, Health, Snapshot
+from gpuscheduler.recovery import assignments_recover, assignments_recover_in_turn
 from gpuscheduler.services import snapshots_compact
-from gpuscheduler.worker import WorkerContext
 from personas.models import RequestState, SampleRequest
 from personas.services import sample_image_path, sample_request_cancel, sample_request_submit
 

@@ -18,9 +18,10 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from gpuscheduler.assignments import assignment_claim, assignments_place, assignments_recover
+from gpuscheduler.assignments import assignment_claim, assignments_place
 from gpuscheduler.backends import DeviceInfo, Reading
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
+from gpuscheduler.recovery import assignments_recover
 from gpuscheduler.services import snapshots_record
 from personas.models import SampleRequest
 from personas.services import sample_request_submit

@@ -8,10 +8,11 @@ import pytest
 from django.utils import timezone
 
 from gpuscheduler.assignments import assignment_claim
+from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState, Device
 from gpuscheduler.queues import device_queue_name, enqueue_assignment
 from gpuscheduler.selectors import steal_sources
-from gpuscheduler.worker import GpuWorker, WorkerContext
+from gpuscheduler.worker import GpuWorker
 from personas.services import sample_request_submit
 
 pytestmark = pytest.mark.django_db

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from gpuscheduler import simulated, storage
 from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
+from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, MediaStore, WorkerState
 from gpuscheduler.policies import store_admit
 from gpuscheduler.selectors import device_views, steal_sources
@@ -35,7 +36,7 @@ from gpuscheduler.storage import (
     store_refresh,
     store_report_error,
 )
-from gpuscheduler.worker import GpuWorker, WorkerContext
+from gpuscheduler.worker import GpuWorker
 from personas.models import SampleRequest
 from personas.services import sample_request_submit
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from rq.exceptions import StopRequested
 
-from gpuscheduler.worker import GpuWorker, WorkerContext
+from gpuscheduler.heartbeat import WorkerContext
+from gpuscheduler.worker import GpuWorker
 
 pytestmark = pytest.mark.django_db
 

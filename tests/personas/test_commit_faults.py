@@ -14,8 +14,8 @@ from rq.timeouts import JobTimeoutException
 
 from gpuscheduler import assignments
 from gpuscheduler.assignments import assignment_claim
+from gpuscheduler.heartbeat import Heartbeat, WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState
-from gpuscheduler.worker import Heartbeat, WorkerContext
 from personas import attempts
 from personas.attempts import StorageFault, sample_assignment_run, sample_images_commit
 from personas.imagegen import GenerationResult, placeholder_image
@@ -262,7 +262,7 @@ def test_the_heartbeat_raises_no_alarm_for_an_attempt_that_has_just_committed(ru
     with context.running(assignment, report=False):
         # The commit lands between the heartbeat reading the current attempt and renewing it.
         Assignment.objects.filter(pk=assignment.pk).update(state=AssignmentState.SUCCEEDED)
-        with caplog.at_level(logging.WARNING, logger="gpuscheduler.worker"):
+        with caplog.at_level(logging.WARNING, logger="gpuscheduler.heartbeat"):
             heartbeat.beat()
         assert context.alive(), "a committed attempt is not stopped"
     assert not [r for r in caplog.records if "stopping its work" in r.getMessage()]
@@ -273,7 +273,7 @@ def test_the_heartbeat_stops_an_attempt_the_reconciler_abandoned(running, caplog
     context = WorkerContext(device=device, name="w1", host="testhost", generator=None)
     with context.running(assignment, report=False):
         Assignment.objects.filter(pk=assignment.pk).update(state=AssignmentState.ABANDONED)
-        with caplog.at_level(logging.WARNING, logger="gpuscheduler.worker"):
+        with caplog.at_level(logging.WARNING, logger="gpuscheduler.heartbeat"):
             Heartbeat(context, 1.0).beat()
         assert not context.alive()
     assert [r for r in caplog.records if "is abandoned in the database; stopping its work" in r.getMessage()]

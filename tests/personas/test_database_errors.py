@@ -15,8 +15,8 @@ from django.db import InterfaceError, OperationalError, connection, connections,
 from django.urls import reverse
 from django.utils import timezone
 
-from gpuscheduler.assignments import assignments_recover
 from gpuscheduler.models import Assignment, AssignmentState
+from gpuscheduler.recovery import assignments_recover
 from personas.models import Persona, RequestState, SampleRequest
 from personas.services import sample_request_submit
 

@@ -9,9 +9,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
 
 from gpuscheduler import housekeeping
-from gpuscheduler.assignments import assignments_recover_in_turn
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
+from gpuscheduler.recovery import assignments_recover_in_turn
 from gpuscheduler.services import snapshots_compact, snapshots_record
 from gpuscheduler.storage import store_check, store_refresh
 
