@@ -22,6 +22,7 @@ from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Dev
 from gpuscheduler.simulated import describe
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
+from tests.media import stored_names
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -46,10 +47,9 @@ def assert_exactly_once(request: SampleRequest) -> None:
     """Every image of the request exists once, as a row and as a file, and no other file of it exists."""
     images = list(SampleImage.objects.filter(request=request))
     assert sorted(i.index for i in images) == list(range(request.count))
-    media = Path(settings.MEDIA_ROOT)
-    folder = media / "samples" / f"persona-{request.persona_id}"
-    on_disk = sorted(p.relative_to(media).as_posix() for p in folder.glob(f"r{request.pk}-*"))
-    assert on_disk == sorted(i.image.name for i in images), "no orphan or half-written file"
+    folder = f"samples/persona-{request.persona_id}"
+    stored = [name for name in stored_names(folder) if name.startswith(f"{folder}/r{request.pk}-")]
+    assert stored == sorted(i.image.name for i in images), "no orphan or half-written file"
 
 
 def children_of(pid: int) -> list[int]:
@@ -154,6 +154,21 @@ def test_attempt_frozen_while_its_retry_runs_keeps_only_one_set_of_images(cluste
     request = sample_request_submit(persona=persona, count=1).request
     frozen = running_attempt(request, cluster)
     process = workers[frozen.device.uuid]
+    # Freeze it between two database writes: on SQLite a process stopped inside a write holds
+    # the database's write lock, and every other process waits for it (see the README: SQLite
+    # serializes writers). Just after a heartbeat lands, the next write is half a second away.
+    busy = wait_for(
+        lambda: Device.objects.filter(pk=frozen.device_id, current_assignment=frozen).values("worker_seen_at").first(),
+        10,
+        lambda: f"the worker to report its attempt\n{cluster.logs()}",
+        interval=0.02,
+    )
+    wait_for(
+        lambda: Device.objects.get(pk=frozen.device_id).worker_seen_at != busy["worker_seen_at"],
+        10,
+        "the next heartbeat",
+        interval=0.01,
+    )
 
     os.killpg(process.pid, signal.SIGSTOP)  # hung or cut off: no heartbeats, but alive
     try:
