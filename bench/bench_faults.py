@@ -1,7 +1,7 @@
 """Fault injection on real processes; one row per fault: images asked / made / files / duplicates /
 lost / time to recover.
 
-    .venv/bin/python bench/bench_faults.py [--scenario all|kills|ambiguous|disk|deadhost]
+    .venv/bin/python bench/bench_faults.py [--scenario all|kills|ambiguous|disk|twohosts]
 
 - kills: 200 images on 4 simulated devices while a worker is SIGKILLed every 20 s and Redis
   drops once (restarted empty). Recovery: from a kill to its chunk running again.
@@ -10,9 +10,10 @@ lost / time to recover.
   BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/persona_bench, created if missing).
 - disk: 60 images; after 5 s the media disk is full (simulated ENOSPC on every write) for 150 s.
   Recovery: from space returning to the first image stored.
-- deadhost: two hosts (2 devices each) share the database and Redis; after 5 s every process of
-  host B (monitor and workers) is SIGKILLed. Recovery: from the kill to the last of B's chunks
-  running again on host A; "stale after" is when B's devices showed stale.
+- twohosts: two machines (2 devices each, their own GPU_HOST and DATA_DIR) share the database,
+  Redis and one MEDIA_DIR; after 5 s every process of host B (monitor and workers) is SIGKILLed.
+  Recovery: from the kill to the last of B's chunks running again on host A; "served" counts the
+  images this process (host A's web server) serves through the admin image view.
 
 Production timings: GPU_LEASE_SECONDS=10, heartbeats every 2 s, monitor every 2 s. Each scenario
 runs in a process of its own (a fresh installation). Target: made = asked = files,
@@ -32,12 +33,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from harness import ROOT, Installation, table, wait_for
 
-SCENARIOS = ("kills", "ambiguous", "disk", "deadhost")
+SCENARIOS = ("kills", "ambiguous", "disk", "twohosts")
 
 
 def free_port() -> int:
@@ -130,19 +130,19 @@ class Run:
         return SampleRequest.objects.filter(pk__in=ids, state__in=ACTIVE_REQUEST_STATES).exists()
 
     def counts(self) -> dict[str, Any]:
-        from django.conf import settings
-
+        from config.storage import samples_storage
         from personas.models import SampleImage
 
         rows = SampleImage.objects.filter(request__in=self.requests)
         asked = sum(r.count for r in self.requests)
         made = rows.count()
         distinct = rows.values("request", "index").distinct().count()
-        media = Path(settings.MEDIA_ROOT)
         names = set(rows.values_list("image", flat=True))
         prefixes = tuple(f"r{r.pk}-" for r in self.requests)
-        on_disk = [p for p in (media / "samples").rglob("*.png") if p.name.startswith(prefixes)]
-        with_file = sum(1 for name in names if (media / name).is_file())
+        # Through the samples storage, as the workers wrote them: a folder or a bucket.
+        stored = _stored(samples_storage(), "samples")
+        on_disk = [name for name in stored if name.rsplit("/", 1)[-1].startswith(prefixes)]
+        with_file = len(names & set(on_disk))
         return {
             "asked": asked,
             "made": made,
@@ -154,6 +154,18 @@ class Run:
     def close(self) -> None:
         self.inst.close(keep=False)
         self.redis.stop()
+
+
+def _stored(storage: Any, folder: str) -> list[str]:
+    """The .png files under `folder` in a storage, by name."""
+    try:
+        folders, files = storage.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = [f"{folder}/{name}" for name in files if name.endswith(".png")]
+    for sub in folders:
+        found += _stored(storage, f"{folder}/{sub}")
+    return found
 
 
 def wait_done(run: Run, started: float, limit: float = 900) -> float:
@@ -297,17 +309,50 @@ def scenario_disk(args: argparse.Namespace) -> dict[str, Any]:
         run.close()
 
 
-def scenario_deadhost(args: argparse.Namespace) -> dict[str, Any]:
+def served_by_this_web_server(requests: list[Any]) -> int:
+    """How many of the requests' images this process's admin image view serves (200, or a signed
+    URL that answers 200), as host A's web server would."""
+    import urllib.request
+
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from personas.models import SampleImage
+
+    admin = User.objects.filter(username="bench-admin").first() or User.objects.create_superuser(
+        "bench-admin", "bench@example.com", uuid.uuid4().hex
+    )
+    client = Client(SERVER_NAME="localhost")
+    client.force_login(admin)
+    served = 0
+    for pk in SampleImage.objects.filter(request__in=requests).values_list("pk", flat=True):
+        response = client.get(f"/admin/personas/persona/image/{pk}/")
+        if response.status_code == 302:
+            with urllib.request.urlopen(response["Location"]) as signed:
+                served += signed.status == 200
+        else:
+            served += response.status_code == 200
+    return served
+
+
+def scenario_twohosts(args: argparse.Namespace) -> dict[str, Any]:
+    """Two machines (own GPU_HOST and DATA_DIR, one shared MEDIA_DIR); host B is SIGKILLed mid-run."""
     run = Run(args, GPU_SIMULATED="sim*2", GPU_HOST="host-a")
     from gpuscheduler.models import Assignment, Device
     from gpuscheduler.selectors import device_status
 
-    b_env = {"GPU_HOST": "host-b"}
+    shared = str(run.inst.dir / "media")  # this process (host A's web server) uses it too
+
+    def host_env(name: str) -> dict[str, str]:
+        data = run.inst.dir / name
+        data.mkdir(exist_ok=True)
+        return {"GPU_HOST": name, "DATA_DIR": str(data), "MEDIA_DIR": shared}
+
     try:
-        run.inst.start("gpumonitor")
-        run.inst.start("gpuworkers")
-        b_monitor = run.inst.start("gpumonitor", env=b_env)
-        b_workers = run.inst.start("gpuworkers", env=b_env)
+        run.inst.start("gpumonitor", env=host_env("host-a"))
+        run.inst.start("gpuworkers", env=host_env("host-a"))
+        b_monitor = run.inst.start("gpumonitor", env=host_env("host-b"))
+        b_workers = run.inst.start("gpuworkers", env=host_env("host-b"))
         wait_for(lambda: Device.objects.filter(worker_state="idle").count() == 4, 120, "4 workers on 2 hosts")
         b_devices = list(Device.objects.filter(host="host-b").values_list("pk", flat=True))
         started = run.submit(60)
@@ -315,6 +360,7 @@ def scenario_deadhost(args: argparse.Namespace) -> dict[str, Any]:
         for process in (b_monitor, b_workers):
             os.killpg(process.pid, signal.SIGKILL)
         killed = time.monotonic()
+        killed_wall = time.time()
         print(f"{killed - started:6.1f} s  every process of host-b SIGKILLed")
 
         def b_stale() -> bool:
@@ -325,6 +371,7 @@ def scenario_deadhost(args: argparse.Namespace) -> dict[str, Any]:
         stale_after = time.monotonic() - killed
         elapsed = wait_done(run, started)
         on_b = Assignment.objects.filter(request__in=run.requests, device_id__in=b_devices, attempt=1)
+        made_on_b = Assignment.objects.filter(request__in=run.requests, device_id__in=b_devices, state="succeeded")
         reruns = [
             Assignment.objects.filter(request=a.request, first_index=a.first_index, attempt__gt=1)
             .exclude(started_at=None)
@@ -334,13 +381,15 @@ def scenario_deadhost(args: argparse.Namespace) -> dict[str, Any]:
             for a in on_b
             if a.state != "succeeded"
         ]
-        killed_wall = time.time() - (time.monotonic() - killed)
         last = max((t.timestamp() - killed_wall for t in reruns if t), default=None)
+        served = served_by_this_web_server(run.requests)
+        images_on_b = sum(made_on_b.values_list("image_count", flat=True))
         return {
             **run.counts(),
             "recover": f"{last:.1f}" if last is not None else "nothing to rerun",
             "wall": elapsed,
-            "note": f"{len(reruns)} chunks re-run; stale after {stale_after:.1f} s",
+            "note": f"{served} served by host A ({images_on_b} made on B); {len(reruns)} chunks re-run; "
+            f"B stale after {stale_after:.1f} s",
         }
     finally:
         run.close()

@@ -8,6 +8,9 @@ surfacing as a strange runtime behaviour hours later.
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -100,6 +103,48 @@ def env_path(name: str, default: Path, *, base: Path) -> Path:
     if not path.is_absolute():
         path = base / path
     return path.resolve()
+
+
+HOST_ID_FILE = "host_id"
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def env_host_id(name: str, *, data_dir: Path) -> str:
+    """The stable id of this machine in the cluster: the variable, or an id made once and kept in
+    `data_dir` (the host name when first started, plus a random suffix).
+
+    Why not the host name: a container gets a new one on every restart, and two machines may
+    share one. Why not /etc/machine-id: images copy it into every container made from them, and
+    many containers have none. A file in DATA_DIR survives restarts wherever DATA_DIR is kept
+    (a volume), and is this machine's alone as long as DATA_DIR is not shared between machines.
+    """
+    value = _raw(name)
+    if value:
+        if not _HOST_ID.fullmatch(value):
+            raise ImproperlyConfigured(
+                f"{name}={value!r} is not a host id: use 1-64 letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit), the same on every restart of this machine."
+            )
+        return value
+    path = data_dir / HOST_ID_FILE
+    if not path.exists():
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-._")[:40] or "host"
+        # Written aside, then linked into place: the monitor and the workers start at once, and
+        # none of them may read a half-written file or replace the id another one just made.
+        draft = path.with_name(f".{HOST_ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        draft.write_text(f"{stem}-{secrets.token_hex(3)}\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    stored = path.read_text().strip()
+    if not _HOST_ID.fullmatch(stored):
+        raise ImproperlyConfigured(
+            f"{path} holds {stored!r}, which is not a host id: delete the file (a new one is made) or set {name}."
+        )
+    return stored
 
 
 def database_from_url(url: str, *, base: Path) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,12 +12,14 @@ from config.env import (
     env_bool,
     env_choice,
     env_float,
+    env_host_id,
     env_int,
     env_list,
     env_path,
     env_str,
     parse_simulated_spec,
 )
+from config.storage import SAMPLES_ALIAS, samples_storage_settings
 from gpuscheduler.backends import BACKENDS  # plain constants: no torch, no NVML
 from gpuscheduler.policies import STEAL_RULES  # pure: no Django, no torch
 
@@ -121,9 +122,15 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
-# Sample images are served by a permission-checked admin view, never as public media.
-MEDIA_ROOT = DATA_DIR / "media"
+# Sample images are served by a permission-checked admin view, never as public media. They live in
+# the "samples" storage (config/storage.py): the folder MEDIA_DIR, which machines may share, or S3.
+MEDIA_ROOT = env_path("MEDIA_DIR", DATA_DIR / "media", base=BASE_DIR)
 MEDIA_URL = "/media/"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    SAMPLES_ALIAS: samples_storage_settings(media_dir=MEDIA_ROOT),
+}
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
@@ -170,7 +177,9 @@ GPUSCHEDULER = {
     "SIMULATED": _GPU_SIMULATED,
     "POLICY": env_str("GPU_POLICY", "balanced").lower(),
     "STEAL": env_choice("GPU_STEAL", "speed", STEAL_RULES),
-    "HOST": env_str("GPU_HOST", socket.gethostname()),
+    # This machine's stable id: keys its CPU and simulated devices, its media store and its Host
+    # row. Made once into DATA_DIR unless set (config.env.env_host_id says why not the host name).
+    "HOST": env_host_id("GPU_HOST", data_dir=DATA_DIR),
     "MAX_TEMPERATURE": env_float("GPU_MAX_TEMPERATURE", 85.0, minimum=30, maximum=120),
     "MIN_FREE_MEMORY_MB": env_int("GPU_MIN_FREE_MEMORY_MB", 1024, minimum=0, maximum=1_000_000),
     "MONITOR_INTERVAL": env_float("GPU_MONITOR_INTERVAL", 2.0, minimum=0.1, maximum=3600),
@@ -180,6 +189,8 @@ GPUSCHEDULER = {
     "SNAPSHOT_RAW_HOURS": env_float("GPU_SNAPSHOT_RAW_HOURS", 2.0, minimum=0.1, maximum=24 * 90),
     "SNAPSHOT_BUCKET_SECONDS": env_int("GPU_SNAPSHOT_BUCKET_SECONDS", 60, minimum=5, maximum=86400),
     "SNAPSHOT_RETENTION_DAYS": env_float("GPU_SNAPSHOT_RETENTION_DAYS", 7.0, minimum=0.01, maximum=3650),
+    # Devices nothing was heard of for this long are retired: hidden, kept for history.
+    "RETIRE_AFTER_HOURS": env_float("GPU_RETIRE_AFTER_HOURS", 24.0, minimum=1, maximum=24 * 3650),
     # Free space the media folder needs; below it (or when it cannot be written) no work starts.
     "STORAGE_MIN_FREE_MB": env_int("STORAGE_MIN_FREE_MB", 512, minimum=0, maximum=100_000_000),
 }

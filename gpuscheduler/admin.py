@@ -11,6 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from config.numbers import is_ascii_int, parse_ascii_int
+from gpuscheduler.clock import DbNow
 from gpuscheduler.models import Assignment, AssignmentState, Device, GpuStatusPage
 from gpuscheduler.policies import stale_reason
 from gpuscheduler.selectors import STALE, device_stale, worker_alive
@@ -54,19 +55,24 @@ class DeviceAdmin(ReadOnlyAdmin):
         "worker",
         "worker_seen_at",
         "last_seen",
+        "retired_at",
     ]
-    list_filter = ["health", "kind", "host", "worker_state"]
+    list_filter = ["health", "kind", "host", "worker_state", ("retired_at", admin.EmptyFieldListFilter)]
     search_fields = ["uuid", "name", "host", "pci_bus_id"]
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        # The database's time with every row (one clock for the cluster: gpuscheduler/clock.py).
+        return super().get_queryset(request).annotate(db_now=DbNow())
 
     # The stored columns say what was last written; a dead host writes nothing, so show what they mean now.
     @admin.display(description="Health", ordering="health")
     def health_now(self, obj: Device) -> str:
-        silent = device_stale(obj)
+        silent = device_stale(obj, getattr(obj, "db_now", None))
         return obj.health if silent is None else f"{STALE} ({stale_reason(silent)}; last recorded {obj.health})"
 
     @admin.display(description="Worker", ordering="worker_state")
     def worker(self, obj: Device) -> str:
-        return obj.worker_state if worker_alive(obj) else "missing"
+        return obj.worker_state if worker_alive(obj, getattr(obj, "db_now", None)) else "missing"
 
 
 @admin.register(Assignment)

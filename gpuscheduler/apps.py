@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 
+# How often one monitor in the cluster folds old snapshots into averages and deletes expired ones.
+COMPACT_EVERY_SECONDS = 60.0
+
 
 class GpuSchedulerConfig(AppConfig):
     name = "gpuscheduler"
@@ -10,3 +13,10 @@ class GpuSchedulerConfig(AppConfig):
 
     def ready(self) -> None:
         from gpuscheduler import checks  # noqa: F401  (registers the system checks)
+        from gpuscheduler.cluster import RETIRE_EVERY_SECONDS, devices_retire
+        from gpuscheduler.housekeeping import register
+        from gpuscheduler.services import snapshots_compact
+
+        # Cluster-wide chores: gpumonitor offers them every tick, one monitor runs each per interval.
+        register("snapshots-compact", COMPACT_EVERY_SECONDS, snapshots_compact)
+        register("devices-retire", RETIRE_EVERY_SECONDS, devices_retire)

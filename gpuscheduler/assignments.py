@@ -16,9 +16,10 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
+from django.db.models import BooleanField, ExpressionWrapper, Q
 
 from gpuscheduler import queues
+from gpuscheduler.clock import DbNow, db_now
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.models import (
     Assignment,
@@ -95,6 +96,11 @@ def assignments_place(
     chunks: list[Chunk]
     if pinned_device is not None:
         view = next((v for v in views if v.id == pinned_device.pk), None)
+        if view is None and any(d.pk == pinned_device.pk for d in devices):
+            raise NoDeviceAvailable(
+                f"{pinned_device.label} is retired (nothing was heard of it for a long time), so it takes no work: "
+                "let the policy choose a device; it comes back by itself once its monitor or worker runs again."
+            )
         if view is None:
             raise NoDeviceAvailable(f"Device {pinned_device} is not registered.")
         if require_worker and view.blocked:
@@ -171,23 +177,24 @@ def assignment_claim(
 ) -> Assignment | None:
     """Take a queued attempt for this worker; None if it was already taken, cancelled or replaced,
     or if it is a retry of an attempt that failed on this device and another device can take it."""
-    now = timezone.now()
-    row = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).values(
-        "avoid_device_id", "queued_at"
+    # How old the attempt is, judged by the database's clock (queued_at is the database's too).
+    row = (
+        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED)
+        .annotate(avoiding=_queued_within(AVOID_SECONDS), recent=_queued_within(AVOID_UNHEALTHY_SECONDS))
+        .values("avoid_device_id", "avoiding", "recent")
     )
     first = row.first()
     if first is None:
         return None
-    if first["avoid_device_id"] == device.pk and first["queued_at"] > now - timedelta(seconds=AVOID_SECONDS):
+    if first["avoid_device_id"] == device.pk and first["avoiding"]:
         if assignment_move_away(assignment_id=assignment_id, device=device):
             return None
         # Another device with a live worker that cannot take work this instant (busy, in
         # probation, or just out of service) is worth a wait: leave the job; the reconciler puts
         # it back on its queue within seconds, and it moves as soon as that device can take it.
         # For a device that is out of service the wait is short: it may stay so for hours.
-        others = Device.objects.exclude(pk=device.pk).filter(live_worker(now))
-        recent = first["queued_at"] > now - timedelta(seconds=AVOID_UNHEALTHY_SECONDS)
-        soon = others if recent else others.filter(health__in=[Health.HEALTHY, Health.PROBATION])
+        others = Device.objects.exclude(pk=device.pk).filter(live_worker())
+        soon = others if first["recent"] else others.filter(health__in=[Health.HEALTHY, Health.PROBATION])
         if soon.exists():
             log.info("assignment %s failed on %s before: leaving it for another device", assignment_id, device.label)
             return None
@@ -196,13 +203,17 @@ def assignment_claim(
         device=device,
         worker_name=worker_name,
         host=host,
-        started_at=now,
-        heartbeat_at=now,
-        deadline_at=now + timedelta(seconds=timeout),
+        started_at=DbNow(),
+        heartbeat_at=DbNow(),
+        deadline_at=DbNow() + timedelta(seconds=timeout),
     )
     if not claimed:
         return None
     return Assignment.objects.select_related("planned_device", "device").get(pk=assignment_id)
+
+
+def _queued_within(seconds: float) -> ExpressionWrapper:
+    return ExpressionWrapper(Q(queued_at__gt=DbNow() - timedelta(seconds=seconds)), output_field=BooleanField())
 
 
 def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
@@ -232,9 +243,7 @@ def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
 
 def assignment_heartbeat(*, assignment_id: int) -> bool:
     """Extend this attempt's lease; False means it was abandoned and its work will be dropped."""
-    return bool(
-        Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(heartbeat_at=timezone.now())
-    )
+    return bool(Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(heartbeat_at=DbNow()))
 
 
 def assignment_succeed(*, assignment_id: int, calls: int, peak_memory: int | None, note: str = "") -> bool:
@@ -243,7 +252,7 @@ def assignment_succeed(*, assignment_id: int, calls: int, peak_memory: int | Non
     return bool(
         Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
             state=AssignmentState.SUCCEEDED,
-            finished_at=timezone.now(),
+            finished_at=DbNow(),
             calls=calls,
             peak_memory=peak_memory,
             error=note[:10000],
@@ -260,7 +269,7 @@ def assignment_fail(*, assignment_id: int, error: str, retryable: bool = True) -
         can_retry = retryable and old.kind == AssignmentKind.SAMPLES and old.attempt < samples_config()["MAX_ATTEMPTS"]
         ended = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
             state=AssignmentState.RETRIED if can_retry else AssignmentState.FAILED,
-            finished_at=timezone.now(),
+            finished_at=DbNow(),
             error=error[:10000],
         )
         if not ended:
@@ -279,7 +288,6 @@ def assignment_requeue(*, assignment_id: int, error: str) -> bool:
     """Put a running attempt back to waiting after an infrastructure fault (the media store
     failed), with the real error on it. It keeps its attempt number: a full disk is no reason to
     use up the request's attempts. The reconciler enqueues it again once its job has ended."""
-    now = timezone.now()
     requeued = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
         state=AssignmentState.QUEUED,
         error=f"waiting: {error}"[:10000],
@@ -289,7 +297,7 @@ def assignment_requeue(*, assignment_id: int, error: str) -> bool:
         started_at=None,
         heartbeat_at=None,
         deadline_at=None,
-        enqueued_at=now,
+        enqueued_at=DbNow(),
     )
     if requeued:
         Device.objects.filter(current_assignment_id=assignment_id).update(current_assignment=None)
@@ -372,7 +380,7 @@ def assignment_ended(old: Assignment, *, discard_files: bool) -> None:
 
 def canary_start(*, device: Device, worker_name: str, host: str, timeout: float) -> Assignment:
     """Record the one-image job a device in probation must pass to take work again."""
-    now = timezone.now()
+    now = db_now()
     return Assignment.objects.create(
         kind=AssignmentKind.CANARY,
         image_count=1,
@@ -396,7 +404,7 @@ def canary_finish(*, assignment_id: int, passed: bool, error: str = "") -> bool:
     return bool(
         Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
             state=AssignmentState.SUCCEEDED if passed else AssignmentState.FAILED,
-            finished_at=timezone.now(),
+            finished_at=DbNow(),
             calls=1,
             error=error[-5000:],
         )

@@ -60,9 +60,13 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-CPU_UUID = "cpu"
 # GPU_BACKEND's choices; "auto" is NVML where it initializes, else the CPU.
 BACKENDS = ("auto", "nvml", "cpu", "simulated")
+
+
+def cpu_uuid(host: str) -> str:
+    """The CPU device of one host: UUIDs key devices cluster-wide, so it names its host id."""
+    return f"CPU-{host}"
 
 
 class CpuBackend:
@@ -70,18 +74,21 @@ class CpuBackend:
 
     name = "cpu"
 
+    def __init__(self, host: str | None = None) -> None:
+        self.uuid = cpu_uuid(host or gpu_config()["HOST"])
+
     def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(uuid=CPU_UUID, name="CPU", kind="cpu", index=None, memory_total=_host_memory()[0])]
+        return [DeviceInfo(uuid=self.uuid, name="CPU", kind="cpu", index=None, memory_total=_host_memory()[0])]
 
     def read(self, uuids: Collection[str] | None = None) -> list[Reading]:
-        if uuids is not None and CPU_UUID not in uuids:
+        if uuids is not None and self.uuid not in uuids:
             return []
         total, available = _host_memory()
         load = None
         with contextlib.suppress(OSError):
             load = min(100.0, 100.0 * os.getloadavg()[0] / (os.cpu_count() or 1))
         used = total - available if total else None
-        return [Reading(uuid=CPU_UUID, ok=True, memory_used=used, memory_total=total or None, utilization=load)]
+        return [Reading(uuid=self.uuid, ok=True, memory_used=used, memory_total=total or None, utilization=load)]
 
     def close(self) -> None:
         pass

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "SNAPSHOT_RAW_HOURS": 2.0,
     "SNAPSHOT_BUCKET_SECONDS": 60,
     "SNAPSHOT_RETENTION_DAYS": 7.0,
+    "RETIRE_AFTER_HOURS": 24.0,
     "STORAGE_MIN_FREE_MB": 512,
 }
 
@@ -57,3 +58,8 @@ def stale_after() -> timedelta:
     config = gpu_config()
     interval = max(float(config["MONITOR_INTERVAL"]), float(config["HEARTBEAT_INTERVAL"]))
     return max(timedelta(seconds=3 * interval), lease())
+
+
+def retire_after() -> timedelta:
+    """How long a device may go unheard of before it is retired (hidden, kept for history)."""
+    return timedelta(hours=float(gpu_config()["RETIRE_AFTER_HOURS"]))

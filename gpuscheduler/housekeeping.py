@@ -1,8 +1,11 @@
-"""Periodic chores of the apps above the scheduler, run by gpumonitor once per interval, cluster-wide.
+"""Periodic chores, run by gpumonitor once per interval, cluster-wide.
 
-The scheduler knows nothing of the apps that use it: an app registers its chore in its
-AppConfig.ready() (personas: the orphan sweep), and gpumonitor calls run_due() every tick. Each
-chore runs in its own Redis turn, so with a monitor on every host one of them runs it per interval.
+Each app registers its chores in its AppConfig.ready() (gpuscheduler: snapshot compaction and
+retention, device retirement; personas: the orphan sweep; the scheduler imports nothing of the
+apps above it), and gpumonitor calls run_due() every tick. Each chore runs in its own Redis turn,
+so with a monitor on every host one of them runs it per interval. While Redis is down every
+monitor runs each chore once per interval of its own, so a chore must be safe to run on two
+hosts at once (compaction checks that it folds each reading once: services.snapshots_compact).
 """
 
 from __future__ import annotations

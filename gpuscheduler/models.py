@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
+
+from gpuscheduler.clock import DbNow
 
 
 class DeviceKind(models.TextChoices):
@@ -25,10 +28,15 @@ class WorkerState(models.TextChoices):
 
 
 class Device(models.Model):
-    """One GPU (or the CPU) of one host, keyed by host and the UUID NVML reports."""
+    """One GPU (or the CPU) of the cluster, keyed by its UUID alone.
 
-    host = models.CharField(max_length=255)
-    uuid = models.CharField(max_length=96)
+    A GPU's UUID (NVML's) is globally unique, so a restarted container or a renamed host
+    re-attaches to the same row and `host` follows the GPU; CPU and simulated UUIDs include the
+    host id (GPU_HOST), which makes them unique too.
+    """
+
+    host = models.CharField(max_length=255, help_text="The host id (GPU_HOST) of the host that last reported it.")
+    uuid = models.CharField(max_length=96, unique=True)
     name = models.CharField(max_length=200)
     index = models.PositiveIntegerField(null=True, blank=True, help_text="NVML index (not CUDA's).")
     pci_bus_id = models.CharField(max_length=64, blank=True)
@@ -41,16 +49,25 @@ class Device(models.Model):
     last_seen = models.DateTimeField(null=True, blank=True)
     worker_name = models.CharField(max_length=200, blank=True)
     worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    worker_host = models.CharField(
+        max_length=255, blank=True, help_text="The host id of its worker's process: its PID means something only there."
+    )
     worker_state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.STOPPED)
     worker_seen_at = models.DateTimeField(null=True, blank=True)
     current_assignment = models.ForeignKey(
         "gpuscheduler.Assignment", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    created = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Set once nothing was heard of it for GPU_RETIRE_AFTER_HOURS: hidden from placement and the "
+        "status page, kept for history; cleared when it is seen again.",
+    )
+    # The database's clock: stale_seconds compares it with times other hosts wrote (gpuscheduler/clock.py).
+    created = models.DateTimeField(db_default=DbNow(), editable=False)
 
     class Meta:
         ordering = ["host", "index", "uuid"]
-        constraints = [models.UniqueConstraint(fields=["host", "uuid"], name="device_unique_host_uuid")]
 
     def __str__(self) -> str:
         return self.label
@@ -64,7 +81,28 @@ class Device(models.Model):
 
     @property
     def short_uuid(self) -> str:
-        return self.uuid.removeprefix("GPU-").removeprefix("SIM-")[:8]
+        return self.uuid.removeprefix("GPU-").removeprefix("SIM-").removeprefix("CPU-")[:8]
+
+
+class Host(models.Model):
+    """One machine of the cluster, keyed by its stable host id (GPU_HOST): its monitor's heartbeat.
+
+    Workers beat on their Device rows; the monitor has no device of its own, so it beats here.
+    """
+
+    host = models.CharField(max_length=255, unique=True, help_text="The host id (GPU_HOST).")
+    hostname = models.CharField(max_length=255, blank=True, help_text="The machine's name when its monitor last ran.")
+    monitor_pid = models.PositiveIntegerField(null=True, blank=True)
+    monitor_started_at = models.DateTimeField(null=True, blank=True)
+    monitor_seen_at = models.DateTimeField(null=True, blank=True)
+    version = models.CharField(max_length=64, blank=True, help_text="The project version its monitor runs.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["host"]
+
+    def __str__(self) -> str:
+        return self.host
 
 
 class MediaStore(models.Model):
@@ -111,7 +149,7 @@ class Snapshot(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.device} at {self.taken_at:%Y-%m-%d %H:%M:%S}"
+        return f"{self.device} at {timezone.localtime(self.taken_at):%Y-%m-%d %H:%M:%S %Z}"
 
 
 class AssignmentKind(models.TextChoices):
@@ -170,7 +208,9 @@ class Assignment(models.Model):
     host = models.CharField(max_length=255, blank=True)
     state = models.CharField(max_length=16, choices=AssignmentState.choices, default=AssignmentState.QUEUED)
     error = models.TextField(blank=True)
-    queued_at = models.DateTimeField(auto_now_add=True)
+    # The database's clock, like every time of an attempt: the retry window and the reconciler's
+    # grace compare it with times written on other hosts (gpuscheduler/clock.py).
+    queued_at = models.DateTimeField(db_default=DbNow(), editable=False)
     enqueued_at = models.DateTimeField(null=True, blank=True, help_text="When it reached Redis.")
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)

@@ -20,9 +20,9 @@ from functools import lru_cache
 
 import redis
 from django.conf import settings
-from django.utils import timezone
 from rq import Queue
 
+from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Assignment, AssignmentKind
 
@@ -81,7 +81,7 @@ def enqueue_assignments(assignments: list[Assignment]) -> int:
         connection = redis_connection()
         for assignment in assignments:
             enqueue_assignment(assignment, connection)
-            Assignment.objects.filter(pk=assignment.pk).update(enqueued_at=timezone.now())
+            Assignment.objects.filter(pk=assignment.pk).update(enqueued_at=DbNow())
             done += 1
     except REDIS_ERRORS as exc:
         log.warning("Redis is unavailable (%s): %d job(s) wait for the reconciler", exc, len(assignments) - done)

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from gpuscheduler import queues
 from gpuscheduler.assignments import DEADLINE_GRACE, assignment_ended, assignment_retry
+from gpuscheduler.clock import clock_text, db_now
 from gpuscheduler.conf import lease, samples_config
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentKind, AssignmentState, Device
 
@@ -55,8 +55,11 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
     - A QUEUED attempt that is not on its Redis queue (Redis was down at enqueue, lost its data,
       or a worker died between popping it and claiming it) is enqueued again. A copy delivered
       twice is harmless: only one execution can claim the row.
+
+    Every time here is the database's (gpuscheduler/clock.py), read once per pass: a reconciler on
+    a host whose clock runs ahead would otherwise judge every other host's heartbeats as old.
     """
-    now = now or timezone.now()
+    now = now or db_now()
     report = RecoveryReport()
     stale = Assignment.objects.filter(state=AssignmentState.RUNNING).filter(
         Q(heartbeat_at__lt=now - lease()) | Q(deadline_at__lt=now - DEADLINE_GRACE)
@@ -64,9 +67,9 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
     for old in stale.select_related("device", "request")[:200]:
         timed_out = old.deadline_at is not None and old.deadline_at < now - DEADLINE_GRACE
         why = (
-            f"ran past its deadline ({old.deadline_at:%H:%M:%S})"
-            if timed_out
-            else f"worker {old.worker_name or '?'} stopped sending heartbeats (last {old.heartbeat_at:%H:%M:%S})"
+            f"ran past its deadline ({clock_text(old.deadline_at)})"
+            if timed_out and old.deadline_at is not None
+            else f"worker {old.worker_name or '?'} stopped sending heartbeats (last {_last(old.heartbeat_at)})"
         )
         with transaction.atomic():
             # Only the reconciler whose UPDATE matches the stale row abandons it.
@@ -88,7 +91,7 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
         assignment_ended(old, discard_files=True)
 
     report.requeued = _requeue_missing(now=now, grace=timedelta(seconds=requeue_grace))
-    report.repaired_requests = _repair_requests()
+    report.repaired_requests = _repair_requests(now=now)
     if report:
         log.warning(
             "recovery: abandoned %s, re-enqueued %s, repaired requests %s",
@@ -97,6 +100,10 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
             report.repaired_requests,
         )
     return report
+
+
+def _last(heartbeat_at: datetime | None) -> str:
+    return clock_text(heartbeat_at) if heartbeat_at is not None else "never"
 
 
 def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
@@ -127,13 +134,13 @@ def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
     return [a.job_id for a in fresh[:done]]
 
 
-def _repair_requests() -> list[int]:
+def _repair_requests(*, now: datetime) -> list[int]:
     """Active requests with no live attempt left (a crash between two writes) get their final state."""
     from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
     from personas.services import sample_request_refresh
 
     orphaned = (
-        SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=timezone.now() - timedelta(seconds=5))
+        SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=now - timedelta(seconds=5))
         .exclude(assignments__state__in=LIVE_STATES)
         .values_list("pk", flat=True)[:100]
     )

@@ -8,9 +8,9 @@ from typing import Any
 
 from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Floor
-from django.utils import timezone
 
 from config.numbers import is_ascii_int
+from gpuscheduler.clock import DbNow, db_now
 from gpuscheduler.conf import gpu_config, lease, samples_config, stale_after
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
 from gpuscheduler.policies import DeviceView, Limits, age_text, stale_reason, stale_seconds, steal_pays
@@ -37,9 +37,11 @@ def limits() -> Limits:
 
 
 def worker_alive(device: Device, now: datetime | None = None) -> bool:
+    """Did the device's worker beat within the lease? `now` is the database's time (clock.db_now),
+    read once by a caller that judges many devices."""
     if not device.worker_name or device.worker_seen_at is None:
         return False
-    return device.worker_seen_at >= (now or timezone.now()) - lease()
+    return device.worker_seen_at >= (now or db_now()) - lease()
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -56,8 +58,8 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def live_worker(now: datetime | None = None) -> Q:
-    """worker_alive as a filter: the devices whose worker beat within the lease."""
-    return Q(worker_seen_at__gte=(now or timezone.now()) - lease()) & ~Q(worker_name="")
+    """worker_alive as a filter: the devices whose worker beat within the lease (by the database's clock)."""
+    return Q(worker_seen_at__gte=(DbNow() if now is None else now) - lease()) & ~Q(worker_name="")
 
 
 def device_stale(device: Device, now: datetime | None = None) -> float | None:
@@ -67,7 +69,7 @@ def device_stale(device: Device, now: datetime | None = None) -> float | None:
         last_seen=device.last_seen,
         worker_seen_at=device.worker_seen_at,
         created=device.created,
-        now=now or timezone.now(),
+        now=now or db_now(),
         after=stale_after(),
     )
 
@@ -119,11 +121,11 @@ def device_backlogs() -> dict[int, tuple[int, int]]:
 def device_views(devices: list[Device] | None = None, *, readings: bool = True) -> list[DeviceView]:
     """What placement knows of each device; `readings=False` leaves out the latest snapshot
     (memory, utilization, temperature) where only health, worker, speed and backlog count."""
-    devices = list(Device.objects.all()) if devices is None else devices
+    devices = [d for d in (Device.objects.all() if devices is None else devices) if d.retired_at is None]
     snapshots = latest_snapshots([d.pk for d in devices]) if readings else {}
     backlogs = device_backlogs()
     stores = stores_unhealthy()
-    now = timezone.now()
+    now = db_now()
     views = []
     for device in devices:
         snap = snapshots.get(device.pk)
@@ -201,10 +203,13 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
 
 
 def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
-    """Every device with its latest snapshot, health, worker and current job, as plain data."""
-    now = now or timezone.now()
+    """Every device with its latest snapshot, health, worker and current job, as plain data
+    (ages by the database's clock: `now` is clock.db_now(), read once per page)."""
+    now = now or db_now()
     here = gpu_config()["HOST"]
-    devices = list(Device.objects.select_related("current_assignment__request__persona"))
+    devices = list(
+        Device.objects.filter(retired_at__isnull=True).select_related("current_assignment__request__persona")
+    )
     snapshots = latest_snapshots([d.pk for d in devices])
     backlogs = device_backlogs()
     rows = []
@@ -215,9 +220,9 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
         missing = ""
         if not alive and device.worker_name and device.worker_seen_at is not None:
             missing = f"no heartbeat for {age_text((now - device.worker_seen_at).total_seconds())}"
-        # A worker's process can be looked for only on its own host: there, a SIGKILLed worker
-        # shows as missing at once instead of `busy` until its lease runs out.
-        if alive and device.host == here and device.worker_pid and not pid_alive(device.worker_pid):
+        # A worker's process can be looked for only on its own host (by host id, never by name):
+        # there, a SIGKILLed worker shows as missing at once instead of `busy` until its lease runs out.
+        if alive and device.worker_host == here and device.worker_pid and not pid_alive(device.worker_pid):
             alive, missing = False, f"process {device.worker_pid} is gone"
         current = device.current_assignment if alive else None
         queued, running = backlogs.get(device.pk, (0, 0))
@@ -239,6 +244,9 @@ def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
                 "recorded_health_reason": device.health_reason,
                 "stale_seconds": None if silent is None else round(silent, 1),
                 "last_seen": _iso(device.last_seen),
+                "last_seen_age_seconds": round((now - device.last_seen).total_seconds(), 1)
+                if device.last_seen
+                else None,
                 "snapshot": None
                 if snap is None
                 else {

@@ -12,9 +12,9 @@ import logging
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.utils import timezone
 
 from gpuscheduler.backends import Backend, DeviceInfo, Reading
+from gpuscheduler.clock import DbNow, clock_text, db_now
 from gpuscheduler.conf import gpu_config, lease
 from gpuscheduler.models import Device, Health, Snapshot, WorkerState
 from gpuscheduler.policies import Admission, admit
@@ -30,15 +30,21 @@ REGISTERED = "registered, not read yet"
 
 
 def devices_sync(*, backend: Backend, host: str) -> list[Device]:
-    """Create or refresh the Device row of every device the backend reports on this host (the
-    host's rows are read in one query: the monitor does this every tick)."""
-    known = {device.uuid: device for device in Device.objects.filter(host=host)}
-    return [device_upsert(info=info, host=host, existing=known.get(info.uuid)) for info in backend.devices()]
+    """Create or refresh the Device row of every device the backend reports on this host (their
+    rows are read in one query: the monitor does this every tick)."""
+    infos = backend.devices()
+    known = {device.uuid: device for device in Device.objects.filter(uuid__in=[info.uuid for info in infos])}
+    return [device_upsert(info=info, host=host, existing=known.get(info.uuid)) for info in infos]
 
 
 def device_upsert(*, info: DeviceInfo, host: str, existing: Device | None = None) -> Device:
-    """The device's row, created if new; `existing` is its row already read, if the caller has it."""
+    """The device's row, created if new; `existing` is its row already read, if the caller has it.
+
+    Keyed by UUID alone: a GPU whose host was renamed (or whose container restarted with another
+    host id) keeps its row, which now names this host; a retired device seen again is back.
+    """
     fields = {
+        "host": host,
         "name": info.name,
         "index": info.index,
         "pci_bus_id": info.pci_bus_id,
@@ -49,9 +55,14 @@ def device_upsert(*, info: DeviceInfo, host: str, existing: Device | None = None
     device, created = existing, False
     if device is None:
         device, created = Device.objects.get_or_create(
-            host=host, uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": REGISTERED}
+            uuid=info.uuid, defaults={**fields, "health": Health.HEALTHY, "health_reason": REGISTERED}
         )
-    changed = {k: v for k, v in fields.items() if getattr(device, k) != v}
+    changed: dict[str, object] = {k: v for k, v in fields.items() if getattr(device, k) != v}
+    if "host" in changed and not created:
+        log.warning("%s (%s) is now reported by host %s, not %s", device.label, device.uuid, host, device.host)
+    if device.retired_at is not None:
+        changed["retired_at"] = None
+        log.info("%s (%s) is seen again: no longer retired", device.label, device.uuid)
     if changed and not created:
         Device.objects.filter(pk=device.pk).update(**changed)
         for key, value in changed.items():
@@ -63,7 +74,7 @@ def reading_admission(reading: Reading, device: Device) -> Admission:
     """Judge one reading of `device`. Memory its own worker holds counts as free (the worker reuses
     it), and a device that is not healthy must cool down a few degrees below the limit."""
     used = reading.memory_used
-    if used is not None and device.worker_pid and device.host == gpu_config()["HOST"]:
+    if used is not None and device.worker_pid and device.worker_host == gpu_config()["HOST"]:
         used = max(0, used - dict(reading.process_memory).get(device.worker_pid, 0))
     return admit(
         ok=reading.ok,
@@ -81,12 +92,16 @@ def device_observe(*, device: Device, reading: Reading, now: datetime | None = N
     good readings move an unhealthy device to probation, which only a passing canary job ends.
     (`fresh`: the caller read the row this moment; a long-lived worker's copy is read again.)"""
     if fresh:
-        return _health_apply(device=device, admission=reading_admission(reading, device), now=now)
-    device.refresh_from_db(fields=["health", "health_reason", "worker_pid", "host", "last_seen"])
+        return _health_apply(device=device, admission=reading_admission(reading, device), now=now or db_now())
+    # The row read again, and the database's time with it (one query: a worker does this every second).
+    fields = ["health", "health_reason", "worker_pid", "worker_host", "last_seen"]
+    row = Device.objects.filter(pk=device.pk).annotate(db_now=DbNow()).values(*fields, "db_now").get()
+    for name in fields:
+        setattr(device, name, row[name])
+    now = now or row["db_now"]
     health = _health_apply(device=device, admission=reading_admission(reading, device), now=now)
     # A worker's own reading counts as a reading (a host with workers and no monitor is not
     # stale); written at most once a heartbeat interval, less while the monitor writes it too.
-    now = now or timezone.now()
     every = timedelta(seconds=float(gpu_config()["HEARTBEAT_INTERVAL"]))
     if device.last_seen is None or now - device.last_seen >= every:
         Device.objects.filter(pk=device.pk).update(last_seen=now)
@@ -94,19 +109,18 @@ def device_observe(*, device: Device, reading: Reading, now: datetime | None = N
     return health
 
 
-def _health_apply(*, device: Device, admission: Admission, now: datetime | None = None) -> str:
-    """Move `device` (as just read) to the health the verdict calls for; the conditional UPDATE
-    leaves a concurrent observer's transition alone."""
-    now = now or timezone.now()
+def _health_apply(*, device: Device, admission: Admission, now: datetime) -> str:
+    """Move `device` (as just read) to the health the verdict calls for at `now` (the database's
+    time); the conditional UPDATE leaves a concurrent observer's transition alone."""
     health, reason = device.health, device.health_reason
     if not admission.ok:
         new, new_reason = Health.UNHEALTHY, admission.reason
     elif health == Health.HEALTHY and reason == REGISTERED:
-        new, new_reason = Health.HEALTHY, f"readings within limits since {now:%H:%M:%S}"
+        new, new_reason = Health.HEALTHY, f"readings within limits since {clock_text(now)}"
     elif health == Health.UNHEALTHY:
         new, new_reason = (
             Health.PROBATION,
-            f"readings within limits again since {now:%H:%M:%S}; waiting for a canary job",
+            f"readings within limits again since {clock_text(now)}; waiting for a canary job",
         )
     else:
         new, new_reason = Health(health), reason
@@ -122,9 +136,8 @@ def _health_apply(*, device: Device, admission: Admission, now: datetime | None 
 
 def device_set_unhealthy(*, device: Device, reason: str) -> None:
     """Take a device out of service for a reason no reading shows (its model does not load)."""
-    now = timezone.now()
     Device.objects.filter(pk=device.pk).update(
-        health=Health.UNHEALTHY, health_reason=reason[:500], health_changed_at=now
+        health=Health.UNHEALTHY, health_reason=reason[:500], health_changed_at=DbNow()
     )
     log.warning("%s is now unhealthy: %s", device.label, reason)
     device.health, device.health_reason = Health.UNHEALTHY, reason
@@ -132,9 +145,9 @@ def device_set_unhealthy(*, device: Device, reason: str) -> None:
 
 def device_probation_end(*, device: Device, passed: bool, detail: str) -> bool:
     """Close a probation after the canary job: healthy if it passed, unhealthy if not."""
-    now = timezone.now()
+    now = db_now()
     if passed:
-        new, reason = Health.HEALTHY, f"canary job passed at {now:%H:%M:%S} ({detail})"
+        new, reason = Health.HEALTHY, f"canary job passed at {clock_text(now)} ({detail})"
     else:
         new, reason = Health.UNHEALTHY, f"canary job failed: {detail}"
     updated = Device.objects.filter(pk=device.pk, health=Health.PROBATION).update(
@@ -147,8 +160,9 @@ def device_probation_end(*, device: Device, passed: bool, detail: str) -> bool:
 
 
 def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None) -> list[Snapshot]:
-    """Read every device once, store a snapshot of each and apply the health verdicts."""
-    now = now or timezone.now()
+    """Read every device once, store a snapshot of each and apply the health verdicts (at the
+    database's time, read once per tick)."""
+    now = now or db_now()
     devices = {d.uuid: d for d in devices_sync(backend=backend, host=host)}
     snapshots = []
     for reading in backend.read():
@@ -176,7 +190,7 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
         # Lock the rows in pk order first, as placement does (see assignments_place): an UPDATE of
         # several rows locks them in the order it scans the table, and deadlocked with a press.
         list(Device.objects.select_for_update(no_key=True).filter(pk__in=seen).order_by("pk").values_list("pk"))
-        Device.objects.filter(pk__in=seen).update(last_seen=now)
+        Device.objects.filter(pk__in=seen).update(last_seen=now, retired_at=None)
     return snapshots
 
 
@@ -185,22 +199,31 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
 
 def worker_attach(*, device: Device, name: str, pid: int, host: str) -> str | None:
     """Bind this worker to the device; return None, or why another live worker holds it."""
-    now = timezone.now()
-    current = Device.objects.filter(pk=device.pk).values("worker_name", "worker_pid", "worker_seen_at").get()
+    now = db_now()
+    current = (
+        Device.objects.filter(pk=device.pk).values("worker_name", "worker_pid", "worker_host", "worker_seen_at").get()
+    )
     holder_alive = (
         current["worker_name"]
         and current["worker_name"] != name
         and current["worker_seen_at"] is not None
         and current["worker_seen_at"] >= now - lease()
-        # A holder on this host whose process is gone was SIGKILLed: take over at once.
-        and not (device.host == host and not pid_alive(current["worker_pid"]))
+        # A holder on this host whose process is gone was SIGKILLed: take over at once. Its PID is
+        # looked for only where it ran (by host id: another machine may share this one's name).
+        and not (current["worker_host"] == host and not pid_alive(current["worker_pid"]))
     )
     if holder_alive:
         return f"worker {current['worker_name']} (pid {current['worker_pid']}) holds {device.label}"
     updated = Device.objects.filter(
         pk=device.pk, worker_name=current["worker_name"], worker_seen_at=current["worker_seen_at"]
     ).update(
-        worker_name=name, worker_pid=pid, worker_seen_at=now, worker_state=WorkerState.STARTING, current_assignment=None
+        worker_name=name,
+        worker_pid=pid,
+        worker_host=host,
+        worker_seen_at=now,
+        worker_state=WorkerState.STARTING,
+        current_assignment=None,
+        retired_at=None,
     )
     return None if updated else "another worker attached at the same moment"
 
@@ -209,7 +232,7 @@ def worker_beat(*, device: Device, name: str, state: str, assignment_id: int | N
     """Refresh this worker's presence; False if another worker has taken the device over."""
     return bool(
         Device.objects.filter(pk=device.pk, worker_name=name).update(
-            worker_seen_at=timezone.now(), worker_state=state, current_assignment_id=assignment_id
+            worker_seen_at=DbNow(), worker_state=state, current_assignment_id=assignment_id
         )
     )
 
@@ -234,7 +257,7 @@ def snapshots_compact(*, now: datetime | None = None, batch: int = 5000, max_bat
     folded into averages, snapshots deleted for age).
     """
     config = gpu_config()
-    now = now or timezone.now()
+    now = now or db_now()
     bucket = int(config["SNAPSHOT_BUCKET_SECONDS"])
     retention_cutoff = now - timedelta(days=float(config["SNAPSHOT_RETENTION_DAYS"]))
     expired, _ = Snapshot.objects.filter(taken_at__lt=retention_cutoff).delete()
@@ -253,34 +276,58 @@ def snapshots_compact(*, now: datetime | None = None, batch: int = 5000, max_bat
     for device_id in device_ids:
         while batches < max_batches:
             batches += 1
-            rows = list(
-                Snapshot.objects.filter(device_id=device_id, bucket_seconds=0, taken_at__lt=cutoff)
-                .order_by("taken_at")
-                .values_list(
-                    "id",
-                    "taken_at",
-                    "memory_used",
-                    "memory_total",
-                    "utilization",
-                    "temperature",
-                    "power_watts",
-                    "throttle_reasons",
-                    "health",
-                    "error",
-                )[:batch]
-            )
-            if not rows:
-                break
-            if len(rows) == batch:
-                # Do not split the last bucket of this batch across two batches.
-                last_bucket = int(rows[-1][1].timestamp()) // bucket
-                whole = [r for r in rows if int(r[1].timestamp()) // bucket < last_bucket]
-                rows = whole or rows
+            # Several monitors may fold at once (while Redis is down every one takes the turn):
+            # the rows are read inside the transaction, under a per-device lock on PostgreSQL
+            # (SQLite's IMMEDIATE transactions serialize writers), and a fold whose rows someone
+            # else deleted meanwhile is rolled back, or the averages would be counted twice.
             with transaction.atomic():
-                Snapshot.objects.bulk_create(_averages(device_id, rows, bucket))
-                Snapshot.objects.filter(pk__in=[r[0] for r in rows]).delete()
+                if not _fold_lock(device_id):
+                    break  # another monitor is folding this device's history now
+                rows = list(
+                    Snapshot.objects.filter(device_id=device_id, bucket_seconds=0, taken_at__lt=cutoff)
+                    .order_by("taken_at")
+                    .values_list(
+                        "id",
+                        "taken_at",
+                        "memory_used",
+                        "memory_total",
+                        "utilization",
+                        "temperature",
+                        "power_watts",
+                        "throttle_reasons",
+                        "health",
+                        "error",
+                    )[:batch]
+                )
+                if not rows:
+                    break
+                if len(rows) == batch:
+                    # Do not split the last bucket of this batch across two batches.
+                    last_bucket = int(rows[-1][1].timestamp()) // bucket
+                    whole = [r for r in rows if int(r[1].timestamp()) // bucket < last_bucket]
+                    rows = whole or rows
+                averages = _averages(device_id, rows, bucket)
+                deleted, _ = Snapshot.objects.filter(pk__in=[r[0] for r in rows]).delete()
+                if deleted != len(rows):
+                    transaction.set_rollback(True)
+                    break
+                Snapshot.objects.bulk_create(averages)
             folded += len(rows)
     return folded, expired
+
+
+# pg_try_advisory_xact_lock(FOLD_LOCK, device id): "this device's history is being folded".
+FOLD_LOCK = 0x6670
+
+
+def _fold_lock(device_id: int) -> bool:
+    """Take this transaction's lock on folding the device's snapshots; False if another holds it."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [FOLD_LOCK, device_id % 2**31])
+        return bool(cursor.fetchone()[0])
 
 
 def _mean(values: list) -> float | None:

@@ -15,6 +15,8 @@ from typing import Any
 from django.urls import reverse
 from django.utils import timezone
 
+from gpuscheduler.clock import clock_text, db_now
+from gpuscheduler.cluster import host_status
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.models import Assignment, AssignmentState, images_label
 from gpuscheduler.queues import device_queue_name, queue_depths
@@ -268,11 +270,36 @@ def _assignment_row(a: Assignment, now: datetime, pattern: str) -> dict[str, Any
     }
 
 
+def _host_texts(host: dict[str, Any]) -> dict[str, Any]:
+    """What a host's section says in words: "monitor: seen 2 s ago", "monitor: silent for 3 min"."""
+    monitor = host["monitor"]
+    age = duration_text(monitor["age_seconds"])
+    monitor["text"] = {
+        "running": f"seen {age} ago",
+        "silent": f"silent for {age}",
+        "none": "none has run on this host",
+    }[monitor["state"]]
+    for worker in host["workers"]:
+        worker["heartbeat_age_text"] = duration_text(worker["heartbeat_age_seconds"])
+    silent = host["silent_seconds"]
+    host["stale_text"] = (
+        ("nothing heard from it" if silent is None else f"nothing heard from it for {duration_text(silent)}")
+        + ": no monitor, worker or reading. Is the machine up?"
+        if host["stale"]
+        else ""
+    )
+    return host
+
+
 def status_page(
     *, device_id: int | None = None, state: str | None = None, now: datetime | None = None
 ) -> dict[str, Any]:
-    """Everything the GPU status page shows, JSON-ready, in a number of queries that does not grow with devices."""
-    now = now or timezone.now()
+    """Everything the GPU status page shows, JSON-ready, in a number of queries that does not grow with devices.
+
+    Ages and the history window are measured on the database's clock (clock.db_now, read once):
+    the web host's own clock may be off from the hosts that wrote the times.
+    """
+    now = now or db_now()
     since = now - timedelta(seconds=HISTORY_SECONDS)
     window = float(HISTORY_SECONDS)
     rows = device_status(now)
@@ -319,10 +346,15 @@ def status_page(
         store["free_text"] = "" if free is None else f"{free / GIB:.1f} GiB"
         store["age_text"] = duration_text(store["age_seconds"])
         changed = store["changed_at"]
-        store["changed_text"] = _clock(datetime.fromisoformat(changed), now) if changed and not store["healthy"] else ""
+        store["changed_text"] = (
+            clock_text(datetime.fromisoformat(changed), now) if changed and not store["healthy"] else ""
+        )
+    hosts = [_host_texts(host) for host in host_status(rows, storage, now)]
+    shown = {host["host"] for host in hosts}
+    storage = [store for store in storage if store["host"] in shown]  # not the stores of hosts gone for good
     return {
         "generated_at": now.isoformat(),
-        "generated_text": _clock(now),
+        "generated_text": clock_text(now),
         "window_seconds": HISTORY_SECONDS,
         "chart": {
             "width": CHART_WIDTH,
@@ -340,6 +372,7 @@ def status_page(
         },
         "devices": devices,
         "storage": storage,
+        "hosts": hosts,
         "queues": queues,
         "redis_available": redis_available,
         "assignments": [_assignment_row(a, now, pattern) for a in recent],

@@ -1,11 +1,13 @@
 """The media store of each host as a health input, like a GPU's memory.
 
-Sample PNGs are written under MEDIA_ROOT of the host that made them. A full disk (ENOSPC) or a
-read-only media folder (EROFS) used to surface only as attempts that timed out; here the store is
-read like a device: free space (shutil.disk_usage) against STORAGE_MIN_FREE_MB, and a probe file
-written, flushed to disk and removed. The verdict is kept per host in MediaStore. While a host's
-store is unhealthy its workers take no work and placement passes its devices by; the next good
-reading ends that, with no restart.
+Sample PNGs are written to the samples storage (config/storage.py): a folder, which several hosts may
+share, or an S3 bucket. A full disk (ENOSPC), a read-only folder (EROFS), a missing bucket or an
+unreachable endpoint used to surface only as attempts that timed out; here the store is read like a
+device, as each host sees it: a probe object written through the storage and removed, and for a
+folder its free space (shutil.disk_usage) against STORAGE_MIN_FREE_MB (a bucket has no such limit).
+Probe names carry the host and PID, beside samples/ (which verify_samples keeps for the images
+alone). The verdict is kept per host in MediaStore. While a host's store is unhealthy its workers
+take no work and placement passes its devices by; the next good reading ends that, with no restart.
 
 Who reads: gpumonitor every tick, and each worker before it takes work, but a store is probed at
 most once per STORE_CHECK_SECONDS whoever asks (the row's `checked_at` says when it last was), so
@@ -25,10 +27,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
 from django.db import IntegrityError, transaction
-from django.utils import timezone
+from django.db.models import BooleanField, ExpressionWrapper, Q
 
+from config.storage import (
+    samples_storage,
+    storage_error_text,
+    storage_errors,
+    storage_label,
+    storage_local_path,
+    storage_where,
+)
+from gpuscheduler.clock import DbNow, db_now
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.models import MediaStore
 from gpuscheduler.policies import store_admit
@@ -40,11 +52,14 @@ STORE_CHECK_SECONDS = 5.0
 # a compressing file system cannot store it in no space at all.
 PROBE_BYTES = 256 * 1024
 PROBE_PREFIX = ".storage-probe-"
+# A probe lives for milliseconds; one older than this was left by a process killed while probing
+# (on any host: the margin covers clocks that disagree).
+PROBE_LEFT_SECONDS = 600
 
 
 @dataclass(frozen=True)
 class StoreReading:
-    """One reading of a media folder: free space, and whether a probe file could be written there."""
+    """One reading of a media store: whether a probe file could be written there, and a folder's free space."""
 
     path: str
     writable: bool
@@ -53,21 +68,9 @@ class StoreReading:
     error: str = ""
 
 
-def media_path() -> Path:
-    """The folder the store's probe reads: MEDIA_ROOT, where sample images are written (under
-    samples/, which verify_samples keeps for the images alone)."""
-    return Path(settings.MEDIA_ROOT)
-
-
-def store_error_text(exc: OSError) -> str:
-    """The error as an operator needs it: "No space left on device: media/samples/persona-3/r12-0.png"."""
-    text = exc.strerror or str(exc) or type(exc).__name__
-    if exc.filename is None:
-        return text
-    path = Path(os.fsdecode(exc.filename))
-    with contextlib.suppress(ValueError):
-        path = path.relative_to(Path(settings.MEDIA_ROOT).parent)
-    return f"{text}: {path.as_posix()}"
+def store_error_text(exc: Exception, label: str) -> str:
+    """The error as an operator needs it: "No space left on device: media/.storage-probe-gpu1-412"."""
+    return f"{storage_error_text(exc)}: {label}"
 
 
 def store_fault_simulate(*, path: Path | str) -> None:
@@ -81,43 +84,50 @@ def store_fault_simulate(*, path: Path | str) -> None:
     simulated.storage_fault_raise(host=config["HOST"], path=path)
 
 
-def _probe_write(probe: Path) -> None:
-    store_fault_simulate(path=probe)
-    with open(probe, "wb") as handle:
-        handle.write(os.urandom(PROBE_BYTES))
-        handle.flush()
-        # A network file system (or one with delayed allocation) may report a full disk only here.
-        os.fsync(handle.fileno())
+def _probe_write(storage: Storage, name: str) -> None:
+    store_fault_simulate(path=storage_label(storage, name))
+    # Written as the images are (a folder's storage fsyncs it: a network file system, or one with
+    # delayed allocation, may report a full disk only then).
+    storage.save(name, ContentFile(os.urandom(PROBE_BYTES)))
 
 
-def store_read(path: Path) -> StoreReading:
-    """Read a media folder (created if missing): its free space, and whether a probe file of
-    PROBE_BYTES can be written, flushed and removed there. The seam tests replace."""
+def store_read(*, host: str, storage: Storage | None = None) -> StoreReading:
+    """Read this host's view of the samples storage: whether a probe file of PROBE_BYTES can be written
+    and removed there, and for a folder (created if missing) its free space. The seam tests replace."""
+    storage = storage or samples_storage()
+    where = storage_where(storage)
+    safe_host = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in host)[:64]
+    probe = f"{PROBE_PREFIX}{safe_host}-{os.getpid()}"
+    error = ""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        usage = shutil.disk_usage(path)
-    except OSError as exc:
-        return StoreReading(path=str(path), writable=False, error=store_error_text(exc))
-    probe = path / f"{PROBE_PREFIX}{os.getpid()}"
+        _probe_write(storage, probe)
+    except storage_errors() as exc:
+        # Nothing more is asked of a store that failed (an unreachable endpoint answers each call
+        # only after its timeouts); a probe it kept is removed as a leftover by a later reading.
+        error = store_error_text(exc, storage_label(storage, probe))
+    else:
+        with contextlib.suppress(*storage_errors()):
+            storage.delete(probe)
+        _probes_left_remove(storage)
+    local = storage_local_path(storage)
+    if local is None:
+        return StoreReading(where, not error, error=error)  # a bucket: no free space to read
     try:
-        _probe_write(probe)
+        usage = shutil.disk_usage(local)
     except OSError as exc:
-        return StoreReading(str(path), False, usage.free, usage.total, store_error_text(exc))
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-        _probes_left_remove(path)
-    return StoreReading(str(path), True, usage.free, usage.total)
+        return StoreReading(where, False, error=error or store_error_text(exc, local.name))
+    return StoreReading(where, not error, usage.free, usage.total, error)
 
 
-def _probes_left_remove(path: Path) -> None:
-    """Remove probe files of processes killed while probing (a probe lives for milliseconds)."""
-    cutoff = time.time() - 60
-    with contextlib.suppress(OSError):
-        for left in path.glob(f"{PROBE_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                if left.stat().st_mtime < cutoff:
-                    left.unlink()
+def _probes_left_remove(storage: Storage) -> None:
+    """Remove probe files of processes killed while probing."""
+    cutoff = time.time() - PROBE_LEFT_SECONDS
+    with contextlib.suppress(*storage_errors()):
+        for name in storage.listdir("")[1]:
+            if name.startswith(PROBE_PREFIX):
+                with contextlib.suppress(*storage_errors()):
+                    if storage.get_modified_time(name).timestamp() < cutoff:
+                        storage.delete(name)
 
 
 # --- services ------------------------------------------------------------------------------------
@@ -125,8 +135,8 @@ def _probes_left_remove(path: Path) -> None:
 
 def store_check(*, host: str, reading: StoreReading | None = None) -> MediaStore:
     """Read this host's media folder now (or judge `reading`) and record the verdict."""
-    started = timezone.now()
-    reading = reading or store_read(media_path())
+    started = db_now()  # the database's time, as the worker's report uses: the two are ordered by it
+    reading = reading or store_read(host=host)
     admission = store_admit(
         ok=reading.writable,
         error=reading.error,
@@ -144,13 +154,14 @@ def store_report_error(*, host: str, error: str) -> None:
     way cannot overwrite it, and none starts for STORE_CHECK_SECONDS. Call it outside a transaction
     that may roll back.
     """
-    _store_record(host=host, healthy=False, reason=error, at=timezone.now())
+    _store_record(host=host, healthy=False, reason=error, at=db_now())
 
 
 def store_refresh(*, host: str, max_age: float = STORE_CHECK_SECONDS) -> MediaStore:
     """This host's store verdict, read again (a probe) only when older than `max_age` seconds."""
-    row = MediaStore.objects.filter(host=host).first()
-    if row is not None and row.checked_at > timezone.now() - timedelta(seconds=max_age):
+    fresh = ExpressionWrapper(Q(checked_at__gt=DbNow() - timedelta(seconds=max_age)), output_field=BooleanField())
+    row = MediaStore.objects.filter(host=host).annotate(fresh=fresh).first()
+    if row is not None and row.fresh:
         return row
     return store_check(host=host)
 
@@ -176,7 +187,8 @@ def _store_record(*, host: str, healthy: bool, reason: str, at: datetime, **read
             if not healthy:
                 log.warning("the media store of %s is unhealthy: %s", host, reason)
             return row
-        if row.checked_at > at:
+        # A tie (one millisecond on SQLite, its resolution of the database's time) goes to the error.
+        if row.checked_at > at or (row.checked_at == at and not row.healthy):
             return row
         changed = {"changed_at": at} if row.healthy != healthy else {}
         if MediaStore.objects.filter(pk=row.pk, checked_at=row.checked_at).update(**fields, **changed):
@@ -197,8 +209,8 @@ def stores_unhealthy() -> dict[str, str]:
 
 
 def store_status(now: datetime | None = None) -> list[dict[str, Any]]:
-    """Every host's media store with its latest verdict, as plain data."""
-    now = now or timezone.now()
+    """Every host's media store with its latest verdict, as plain data (`now`: clock.db_now())."""
+    now = now or db_now()
     min_free = int(gpu_config()["STORAGE_MIN_FREE_MB"])
     return [
         {

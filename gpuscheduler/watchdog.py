@@ -1,7 +1,8 @@
 """The watchdog of a gpuworker: the Watchdog class the worker holds, and the child process it
 starts, `python -m gpuscheduler.watchdog <worker pid>`.
 
-It reads lines from its stdin, a pipe from the worker: ``deadline <unix time>`` arms it,
+It reads lines from its stdin, a pipe from the worker: ``deadline <time.monotonic()>`` arms it
+(the monotonic clock is one for every process of a machine, and no clock step moves it),
 ``clear`` disarms it. If an armed deadline passes it SIGKILLs the worker: a job stuck in native
 code (a CUDA call) never returns to the interpreter, so rq's SIGALRM timeout cannot end it. When
 the pipe closes (the worker exited or was killed) the watchdog exits too, so it never outlives
@@ -37,7 +38,7 @@ class Watchdog:
         )
 
     def arm(self, seconds: float) -> None:
-        self._send(f"deadline {time.time() + seconds + self.grace:.3f}\n")
+        self._send(f"deadline {time.monotonic() + seconds + self.grace:.3f}\n")
 
     def disarm(self) -> None:
         self._send("clear\n")
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
                     deadline = float(words[1])
                 elif words[:1] == ["clear"]:
                     deadline = None
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             sys.stderr.write(f"watchdog: worker {worker_pid} is past its job deadline; killing it\n")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker_pid, signal.SIGKILL)

@@ -82,7 +82,8 @@ class GpuWorker(SimpleWorker):
 
     def _queue_names(self) -> list[str]:
         own = self.context.device.pk
-        others = Device.objects.exclude(pk=own).order_by("pk").values_list("pk", flat=True)
+        live = Device.objects.exclude(pk=own).filter(retired_at__isnull=True)
+        others = live.order_by("pk").values_list("pk", flat=True)
         return [
             queues.device_queue_name(own, pinned=True),
             queues.device_queue_name(own),

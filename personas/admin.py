@@ -4,24 +4,23 @@ import contextlib
 import logging
 from collections import Counter, defaultdict
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AdminTextareaWidget
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import PermissionDenied, SuspiciousOperation, ValidationError
 from django.db import DatabaseError, InterfaceError, models
 from django.db.models import Count, QuerySet
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.http.response import HttpResponseBase
 from django.urls import path, reverse
-from django.utils import timezone
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
+from config.storage import samples_storage, storage_errors, storage_signed_url
 from gpuscheduler.assignments import NoDeviceAvailable
+from gpuscheduler.clock import db_now
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
@@ -74,9 +73,12 @@ def database_error_message(exc: Exception, outcome: str) -> str:
     return f"The database did not answer ({database_error_text(exc)}); {outcome}. Try again in a moment."
 
 
-def _saved_after_all(persona: Persona, user: Any, since: datetime) -> SampleRequest | None:
-    """After a database error during a press: its request, if the COMMIT went through and only the
-    reply was lost. None when there is none, or when the database still does not answer."""
+def _saved_after_all(persona: Persona, user: Any, since: datetime | None) -> SampleRequest | None:
+    """After a database error during a press that began at `since` (the database's time, as the
+    request's `created` is): its request, if the COMMIT went through and only the reply was lost.
+    None when there is none, or when the database still does not answer."""
+    if since is None:
+        return None  # the database failed before the press began
     try:
         latest = persona_latest_request(persona=persona)
     except DATABASE_ERRORS:
@@ -183,7 +185,7 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             context["progress"] = request_progress(request=latest) if latest else None
             context["can_generate"] = self.has_change_permission(request, persona)
             context["progress_url"] = reverse("admin:personas_persona_progress", args=[persona.pk])
-            context["devices"] = Device.objects.all()
+            context["devices"] = Device.objects.filter(retired_at__isnull=True)
             context["samples_max"] = samples_config()["MAX_PER_REQUEST"]
         return super().change_view(request, object_id, form_url, extra_context=context)
 
@@ -211,8 +213,9 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         if not form.is_valid():
             self.message_user(request, f"Nothing was queued. {form.error_text()}", messages.ERROR)
             return back
-        since = timezone.now()
+        since: datetime | None = None
         try:
+            since = db_now()
             submitted = sample_request_submit(
                 persona=persona,
                 count=form.cleaned_data["count"],
@@ -308,8 +311,9 @@ class PersonaAdmin(OutOfRangeLookupMixin):
             self.message_user(request, database_error_message(exc, "nothing was queued"), messages.ERROR)
             return
         for position, persona in enumerate(personas):
-            since = timezone.now()
+            since: datetime | None = None
             try:
+                since = db_now()
                 submitted.append(
                     sample_request_submit(
                         persona=persona,
@@ -352,12 +356,23 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()
         if image is None or not self.has_view_permission(request, image.persona):
             raise Http404("No such image.")
-        media = Path(settings.MEDIA_ROOT).resolve()
-        file_path = (media / image.image.name).resolve()
-        if not file_path.is_relative_to(media) or not file_path.is_file():
-            raise Http404("The image file is missing.")
+        storage = samples_storage()
+        try:
+            signed = storage_signed_url(storage, image.image.name)
+            if signed is not None:
+                # Object storage: the browser fetches the bytes from the bucket with a URL that works for
+                # S3_SIGNED_URL_SECONDS. admin_view adds never-cache: each view gets a fresh URL.
+                response: HttpResponseBase = HttpResponseRedirect(signed[0])
+                response["Cache-Control"] = "private"
+                return response
+            handle = storage.open(image.image.name, "rb")
+        except (FileNotFoundError, SuspiciousOperation):  # a row naming a path outside the store, too
+            raise Http404("The image file is missing.") from None
+        except storage_errors() as exc:
+            log.error("image %s: the media store cannot be read: %s", image.pk, exc)
+            return HttpResponse(f"The media store cannot be read: {exc}", status=503, content_type="text/plain")
         # FileResponse closes the file once the response is sent.
-        response = FileResponse(open(file_path, "rb"), content_type="image/png")  # noqa: SIM115
+        response = FileResponse(handle, content_type="image/png")
         response["Cache-Control"] = "private, max-age=3600"
         return response
 

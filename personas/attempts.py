@@ -1,7 +1,7 @@
 """One attempt in a worker: claim it, make its images, and store them exactly once.
 
-The database decides which files live. Files are written first (fsynced, under a temporary
-name, then renamed), and rows second, in one transaction with the attempt's RUNNING ->
+The database decides which files live. Files are written first, through the samples storage (whole
+or not at all: config/storage.py), and rows second, in one transaction with the attempt's RUNNING ->
 SUCCEEDED claim. Whatever goes wrong around that commit, the worker never removes files because
 of a local exception alone: it asks the database (on a fresh connection) how its attempt ended.
 A succeeded attempt keeps its files, even when the COMMIT's reply never arrived; an attempt that
@@ -12,16 +12,16 @@ by the attempt's state only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
 from django.db import transaction
 
+from config.storage import samples_storage, storage_error_text, storage_errors, storage_label
 from gpuscheduler import assignments as scheduler
 from gpuscheduler.conf import lease, samples_config
 from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, read_with_reconnect
@@ -42,17 +42,18 @@ COMMIT_TRIES = 5
 
 
 class StorageFault(Exception):
-    """The media store refused a write (disk full, read-only, gone): an infrastructure fault."""
+    """The media store refused a write (disk full, read-only, bucket gone, endpoint down): an
+    infrastructure fault."""
 
-    def __init__(self, error: OSError, name: str) -> None:
+    def __init__(self, error: Exception, name: str) -> None:
         self.name = name
-        self.errno = error.errno
-        super().__init__(f"{error.strerror or error}: {name}")
+        self.errno = getattr(error, "errno", None)
+        super().__init__(f"{storage_error_text(error)}: {name}")
 
 
 @dataclass
 class _Written:
-    paths: list[Path]
+    names: list[str]
     rows: list[SampleImage]
 
 
@@ -61,26 +62,20 @@ def _write_files(
 ) -> _Written:
     """Write every PNG durably under its final name; on a storage error remove what was written
     (nothing of it was committed) and raise StorageFault."""
-    media = Path(settings.MEDIA_ROOT)
-    written = _Written(paths=[], rows=[])
+    storage = samples_storage()
+    written = _Written(names=[], rows=[])
     name = ""
     try:
-        folders: set[Path] = set()
         for offset, image in enumerate(images):
             index = assignment.first_index + offset
             name = sample_image_path(
                 persona_id=request.persona_id, request_id=request.pk, index=index, assignment_id=assignment.pk
             )
-            path = media / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".part")
-            written.paths.append(tmp)  # a write that fails halfway must not leave its .part behind
-            name += ".part"
-            _write_durably(tmp, image.png)
-            os.replace(tmp, path)
-            name = name.removesuffix(".part")
-            written.paths.append(path)
-            folders.add(path.parent)
+            # A full or read-only store switched on by a test or benchmark (GPU_BACKEND=simulated).
+            store_fault_simulate(path=storage_label(storage, name))
+            written.names.append(name)
+            # Durable and atomic in the storage: fsync + rename in a folder, one PutObject in S3.
+            name = written.names[-1] = storage.save(name, ContentFile(image.png))
             written.rows.append(
                 SampleImage(
                     persona_id=request.persona_id,
@@ -98,33 +93,20 @@ def _write_files(
                     device=device,
                 )
             )
-        for folder in folders:
-            _fsync_folder(folder)  # the renames survive a power cut before the rows commit
-    except OSError as exc:
-        _remove(written.paths)
-        raise StorageFault(exc, name or "samples/") from exc
+    except storage_errors() as exc:
+        _remove(storage, written.names)
+        raise StorageFault(exc, storage_label(storage, name or "samples/")) from exc
     return written
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    store_fault_simulate(path=path)  # a full or read-only disk switched on by a test or benchmark
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+def _remove(storage: Storage, names: list[str]) -> None:
+    """Remove files of an attempt that did not commit; one that cannot be removed now is an orphan,
+    which the sweep removes once the store answers again."""
+    for name in names:
+        try:
+            storage.delete(name)
+        except storage_errors() as exc:
+            log.error("could not remove %s, left for the orphan sweep: %s", name, exc)
 
 
 def _commit_rows(
@@ -207,7 +189,7 @@ def sample_images_commit(
                 time.sleep(min(0.5 * attempt, 2.0))
                 continue
             # Definitely not committed: this attempt's transaction is gone.
-            _remove(written.paths)
+            _remove(samples_storage(), written.names)
             raise
         if state == AssignmentState.SUCCEEDED:
             break
@@ -217,7 +199,7 @@ def sample_images_commit(
             state,
             len(written.rows),
         )
-        _remove(written.paths)
+        _remove(samples_storage(), written.names)
         return False
     sample_request_refresh(request_id=request.pk)
     return True

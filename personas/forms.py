@@ -44,7 +44,7 @@ class GenerateSamplesForm(forms.Form):
 
     count = forms.CharField(max_length=12, strip=True)
     device = AsciiModelChoiceField(
-        queryset=Device.objects.all(),
+        queryset=Device.objects.filter(retired_at__isnull=True),
         required=False,
         empty_label="Any healthy GPU (policy)",
         error_messages={"invalid_choice": "That device does not exist (any more): pick one from the list."},

@@ -8,8 +8,9 @@ or running attempt is in progress; a file of an attempt that ended any other way
 attempt whose row was deleted, or of an attempt that no longer exists is an orphan. A name that
 does not parse, or whose ids disagree with the database, is reported and never touched.
 
-Everything goes through Django's default storage (MEDIA_ROOT today), so a move to shared or object
-storage keeps working; every name comes from the database or from listing, never from user input.
+Everything goes through the samples storage (a folder or a bucket: config/storage.py), so the sweep on
+any machine sees and removes what every machine wrote; every name comes from the database or from
+listing, never from user input. Only samples/ is read: the store's probe files live beside it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.core.exceptions import SuspiciousFileOperation
-from django.core.files.storage import default_storage
+from django.core.exceptions import SuspiciousOperation
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from config.storage import samples_storage, storage_errors
 from gpuscheduler import assignments as scheduler
 from gpuscheduler.assignments import NoDeviceAvailable
 from gpuscheduler.conf import samples_config
@@ -42,7 +43,7 @@ GRACE_SECONDS = 300.0
 # How often gpumonitor (one of them, cluster-wide) sweeps orphans; registered in PersonasConfig.ready.
 SWEEP_SECONDS = 600.0
 # More broken images than this share of all (and at least REPAIR_BRAKE_MIN) looks like a wrong
-# MEDIA_ROOT or an unmounted share, not lost files: --repair then re-queues nothing without --force.
+# MEDIA_DIR, an unmounted share or another bucket, not lost files: --repair then re-queues nothing without --force.
 REPAIR_BRAKE_SHARE = 0.5
 REPAIR_BRAKE_MIN = 10
 
@@ -145,7 +146,7 @@ def samples_verify(
 
 def _walk(folder: str) -> Iterator[str]:
     try:
-        folders, names = default_storage.listdir(folder)
+        folders, names = samples_storage().listdir(folder)
     except FileNotFoundError:
         return
     for name in names:
@@ -159,11 +160,12 @@ def _file_problem(name: str, *, listed: bool, check_contents: bool) -> tuple[str
     if not name:
         return "missing", "the row names no file"
     try:
-        if not listed and not default_storage.exists(name):
+        storage = samples_storage()
+        if not listed and not storage.exists(name):
             return "missing", "no such file"
         if not check_contents:
             return None
-        with default_storage.open(name, "rb") as handle:
+        with storage.open(name, "rb") as handle:
             head = handle.read(len(PNG_SIGNATURE))
             if not head:
                 return "unreadable", "empty file"
@@ -171,11 +173,11 @@ def _file_problem(name: str, *, listed: bool, check_contents: bool) -> tuple[str
                 return "unreadable", "not a PNG file"
             handle.seek(0)
             return _pillow_problem(handle)
-    except SuspiciousFileOperation:
+    except SuspiciousOperation:  # a folder says SuspiciousFileOperation, S3 its parent
         return "unreadable", "the name points outside the media folder"
     except FileNotFoundError:
         return "missing", "no such file"
-    except OSError as exc:
+    except storage_errors() as exc:
         return "unreadable", f"cannot be read: {exc}"
 
 
@@ -224,7 +226,7 @@ def _judge_files(report: SamplesReport, names: list[str], *, grace: timedelta, n
             report.unknown.append(StrayFile(name, "not a name this system writes"))
             continue
         try:
-            changed = default_storage.get_modified_time(name)
+            changed = samples_storage().get_modified_time(name)
         except FileNotFoundError:
             continue  # renamed or removed by its writer since the listing
         if changed > now - grace:
@@ -293,7 +295,7 @@ def samples_repair(*, grace_seconds: float = GRACE_SECONDS, force: bool = False)
     The broken rows (and their unreadable files, once that commits) are deleted and their request
     reopened with new attempts for those indexes, placed by the policy. A request whose persona has
     another request queued or running is skipped, and so is everything when more than half of the
-    images look broken (a wrong MEDIA_ROOT or an unmounted share) unless `force`.
+    images look broken (a wrong MEDIA_DIR, an unmounted share or another bucket) unless `force`.
     """
     report = samples_verify(grace_seconds=grace_seconds)
     report.repair = True
@@ -304,10 +306,11 @@ def samples_repair(*, grace_seconds: float = GRACE_SECONDS, force: bool = False)
 
 def samples_orphans_remove(*, report: SamplesReport) -> list[str]:
     """Delete the report's orphans; record and return the names removed."""
+    storage = samples_storage()
     for orphan in report.orphans:
         try:
-            default_storage.delete(orphan.path)
-        except OSError as exc:
+            storage.delete(orphan.path)
+        except storage_errors() as exc:
             log.error("could not remove orphan %s: %s", orphan.path, exc)
             continue
         report.removed.append(orphan.path)
@@ -324,7 +327,7 @@ def _requeue_broken(report: SamplesReport, *, force: bool) -> None:
         report.skipped.append(
             f"{len(report.broken)} of {report.images_checked} images look missing or unreadable: more likely the "
             "media folder is the wrong one or not mounted than that they were all lost. Nothing was re-queued; "
-            "check DATA_DIR (MEDIA_ROOT) and the mount, or run again with --force."
+            "check MEDIA_DIR and its mount (or the S3_* settings), or run again with --force."
         )
         return
     by_request: dict[int | None, list[BrokenImage]] = {}
@@ -433,10 +436,12 @@ def _runs(indexes: list[int], longest: int) -> list[list[int]]:
 
 
 def _delete_files(names: list[str]) -> None:
+    storage = samples_storage()
+    errors: tuple[type[Exception], ...] = (*storage_errors(), SuspiciousOperation)
     for name in names:
         try:
-            default_storage.delete(name)
-        except (OSError, SuspiciousFileOperation) as exc:
+            storage.delete(name)
+        except errors as exc:
             log.error("could not remove the damaged file %s: %s", name, exc)
 
 

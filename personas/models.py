@@ -5,6 +5,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Q
 
+from gpuscheduler.clock import DbNow
+
 MAX_SEED = 2**32 - 1
 
 slug_validator = RegexValidator(
@@ -81,7 +83,8 @@ class SampleRequest(models.Model):
     model = models.CharField(max_length=300)
     steps = models.PositiveIntegerField()
     error = models.TextField(blank=True)
-    created = models.DateTimeField(auto_now_add=True)
+    # The database's clock: the reconciler compares it with its own time (gpuscheduler/clock.py).
+    created = models.DateTimeField(db_default=DbNow(), editable=False)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
-from django.conf import settings
+from django.core.files.storage import Storage
 from django.core.management.base import CommandError
 
+from config.storage import samples_storage, storage_local_path
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import BackendUnavailable, get_backend
 from gpuscheduler.conf import gpu_config
@@ -57,7 +57,7 @@ class WaitReport:
         ended = [r for r in self.requests if r.state not in ACTIVE_REQUEST_STATES]
         failed = sum(r.count - made.get(r.pk, 0) for r in ended) if self.finished or self.timed_out else 0
         pending = sum(r.count - made.get(r.pk, 0) for r in self.requests if r.state in ACTIVE_REQUEST_STATES)
-        media = Path(settings.MEDIA_ROOT)
+        storage = samples_storage()
         return {
             "requested": requested,
             "succeeded": len(self.images),
@@ -72,13 +72,20 @@ class WaitReport:
             "images": [
                 {
                     "persona": image.persona.slug,
-                    "path": str(media / image.image.name),
+                    # The name in the samples storage; the local path only where it is a folder.
+                    "name": image.image.name,
+                    "path": _local_path(storage, image.image.name),
                     "device": image.device.uuid if image.device else None,
                     "seed": image.seed,
                 }
                 for image in self.images
             ],
         }
+
+
+def _local_path(storage: Storage, name: str) -> str | None:
+    local = storage_local_path(storage, name)
+    return None if local is None else str(local)
 
 
 def requests_wait(

@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
-from django.utils import timezone
 
+from config.storage import PART_SUFFIX, samples_storage, storage_errors
 from gpuscheduler import assignments as scheduler
 from gpuscheduler import queues
+from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
 from personas.models import (
@@ -141,7 +140,7 @@ def sample_request_refresh(*, request_id: int) -> SampleRequest | None:
     for row in attempts:
         latest.setdefault(row["first_index"], dict(row))
     states = [row["state"] for row in latest.values()]
-    now = timezone.now()
+    now = DbNow()  # the database's time, as every start and end of the cluster's work
     if any(s in LIVE_STATES for s in states):
         started = any(s != AssignmentState.QUEUED for s in states) or len(attempts) > len(latest)
         new = RequestState.RUNNING if started else RequestState.QUEUED
@@ -168,13 +167,13 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
     """
     with transaction.atomic():
         won = SampleRequest.objects.filter(pk=request.pk, state__in=ACTIVE_REQUEST_STATES).update(
-            state=RequestState.CANCELLED, finished_at=timezone.now(), error=""
+            state=RequestState.CANCELLED, finished_at=DbNow(), error=""
         )
         if not won:
             return 0
         waiting = list(request.assignments.filter(state=AssignmentState.QUEUED).values_list("job_id", "queue_name"))
         cancelled = request.assignments.filter(state=AssignmentState.QUEUED).update(
-            state=AssignmentState.CANCELLED, finished_at=timezone.now(), error="request cancelled"
+            state=AssignmentState.CANCELLED, finished_at=DbNow(), error="request cancelled"
         )
 
         def remove_jobs() -> None:
@@ -188,12 +187,12 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
 
 def sample_request_mark_started(*, request_id: int) -> None:
     SampleRequest.objects.filter(pk=request_id, state=RequestState.QUEUED).update(
-        state=RequestState.RUNNING, started_at=timezone.now()
+        state=RequestState.RUNNING, started_at=DbNow()
     )
 
 
 def sample_image_path(*, persona_id: int, request_id: int, index: int, assignment_id: int) -> str:
-    """Where an image lives under MEDIA_ROOT: built from database ids only, never user input."""
+    """An image's name in the samples storage: built from database ids only, never user input."""
     return f"samples/persona-{int(persona_id)}/r{int(request_id)}-i{int(index)}-a{int(assignment_id)}.png"
 
 
@@ -207,7 +206,7 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
         return 0
     if Assignment.objects.filter(pk=assignment.pk, state=AssignmentState.SUCCEEDED).exists():
         return 0  # the database has its images: they are not the caller's to remove
-    media = Path(settings.MEDIA_ROOT)
+    storage = samples_storage()
     removed = 0
     for index in assignment.indexes:
         name = sample_image_path(
@@ -216,10 +215,14 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
             index=index,
             assignment_id=assignment.pk,
         )
-        for path in (media / name, media / (name + ".part")):
-            if path.exists():
-                path.unlink(missing_ok=True)
-                removed += 1
+        for candidate in (name, name + PART_SUFFIX):
+            try:
+                if storage.exists(candidate):
+                    storage.delete(candidate)
+                    removed += 1
+            except storage_errors() as exc:
+                # The reconciler goes on: the orphan sweep removes it once the store answers.
+                log.error("could not remove %s of abandoned attempt %s: %s", candidate, assignment.pk, exc)
     return removed
 
 
@@ -232,11 +235,15 @@ def sample_images_delete(*, images: list[SampleImage]) -> int:
     names = [img.image.name for img in images if img.image]
     with transaction.atomic():
         deleted, _ = SampleImage.objects.filter(pk__in=[img.pk for img in images]).delete()
-        media = Path(settings.MEDIA_ROOT)
-        transaction.on_commit(lambda: _remove([media / name for name in names]))
+        transaction.on_commit(lambda: _remove(names))
     return deleted
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+def _remove(names: list[str]) -> None:
+    storage = samples_storage()
+    for name in names:
+        try:
+            storage.delete(name)
+        except storage_errors() as exc:
+            # The rows are gone for good: a file left behind is an orphan the sweep removes later.
+            log.error("could not remove %s after its image was deleted: %s", name, exc)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission, User
 from hypothesis import settings as hypothesis_settings
 
+from config.storage import SAMPLES_ALIAS
 from gpuscheduler.backends import DeviceInfo
 from gpuscheduler.models import Device, DeviceKind, Health
 from gpuscheduler.services import device_upsert
@@ -47,12 +51,105 @@ SETTING_KEYS = {
 
 @pytest.fixture(autouse=True)
 def data_dir(settings: Any, tmp_path: Path) -> Path:
-    """Every test gets its own DATA_DIR and media folder."""
+    """Every test gets its own DATA_DIR and media folder, where its samples storage keeps the images
+    (as worker processes started with DATA_DIR=path do)."""
     path = tmp_path / "data"
     path.mkdir()
     settings.DATA_DIR = path
     settings.MEDIA_ROOT = path / "media"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        SAMPLES_ALIAS: {
+            "BACKEND": "config.storage.DurableFileSystemStorage",
+            "OPTIONS": {"location": str(path / "media")},
+        },
+    }
     return path
+
+
+class S3Bucket:
+    """A bucket of this test's own on the S3 emulator, read and changed behind the storage's back."""
+
+    def __init__(self, endpoint: str, name: str) -> None:
+        import boto3
+
+        self.endpoint = endpoint
+        self.name = name
+        self.env = {
+            "SAMPLES_STORAGE": "s3",
+            "S3_BUCKET": name,
+            "S3_ENDPOINT_URL": endpoint,
+            "S3_REGION": "us-east-1",
+            "S3_ACCESS_KEY_ID": "test",
+            "S3_SECRET_ACCESS_KEY": "test",
+        }
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+
+    def keys(self) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name)
+        return sorted(entry["Key"] for page in pages for entry in page.get("Contents", ()))
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+    def remove(self) -> None:
+        """Delete the bucket itself (S3 wants it empty first)."""
+        for key in self.keys():
+            self.delete(key)
+        self.client.delete_bucket(Bucket=self.name)
+
+
+@pytest.fixture(scope="session")
+def s3_emulator() -> Iterator[str]:
+    """An S3-compatible server on 127.0.0.1 (moto's server mode), for the whole test run."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_emulator: str, settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
+    """The samples storage switched to a new, empty bucket on the emulator: in this process through
+    settings.STORAGES, and in the worker processes the test starts through the S3_* variables (set in
+    this process's environment, which they inherit), read by the same code as in production."""
+    from config.storage import samples_storage_settings
+
+    bucket = S3Bucket(s3_emulator, f"samples-{next(_counter)}-{os.getpid()}-{int(time.time() * 1000) % 10**8}")
+    bucket.client.create_bucket(Bucket=bucket.name)
+    for name, value in bucket.env.items():
+        monkeypatch.setenv(name, value)
+    settings.STORAGES = {
+        **settings.STORAGES,
+        SAMPLES_ALIAS: samples_storage_settings(media_dir=Path(settings.MEDIA_ROOT)),
+    }
+    try:
+        yield bucket
+    finally:
+        with contextlib.suppress(Exception):
+            bucket.remove()
 
 
 @pytest.fixture
@@ -101,19 +198,22 @@ class Cluster:
         self.env.update(env)
         configure(self.settings, env)
 
-    def start(self, *args: str) -> Any:
-        """Start any manage.py command with this cluster's environment."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        """Start any manage.py command with this cluster's environment (and `env` for this process
+        alone, e.g. tests.processes.skewed_clock(-30))."""
         self.processes.env = base_env(self.data_dir, **{"REDIS_URL": self.settings.REDIS_URL, **self.env})
-        return self.processes.start(*args)
+        return self.processes.start(*args, env=env)
 
     def start_workers(self, expect: int | None = None, timeout: float = 60) -> Any:
         process = self.start("gpuworkers")
         self.wait_workers(expect, timeout)
         return process
 
-    def start_worker(self, device: Device | str, *extra: str, timeout: float = 60) -> Any:
+    def start_worker(
+        self, device: Device | str, *extra: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> Any:
         uuid = device if isinstance(device, str) else device.uuid
-        process = self.start("gpuworker", "--device", uuid, *extra)
+        process = self.start("gpuworker", "--device", uuid, *extra, env=env)
         wait_for(
             lambda: Device.objects.filter(uuid=uuid, worker_pid=process.pid, worker_state="idle").exists(),
             timeout,
@@ -121,8 +221,8 @@ class Cluster:
         )
         return process
 
-    def start_monitor(self, *extra: str) -> Any:
-        return self.start("gpumonitor", *extra)
+    def start_monitor(self, *extra: str, env: dict[str, str] | None = None) -> Any:
+        return self.start("gpumonitor", *extra, env=env)
 
     def wait_workers(self, expect: int | None, timeout: float = 60) -> None:
         from gpuscheduler.simulated import describe
@@ -198,7 +298,13 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
         device = device_upsert(info=info, host=settings.GPUSCHEDULER["HOST"])
         fields = {"last_seen": timezone.now(), **fields}
         if worker:
-            fields = {"worker_name": f"worker-{n}", "worker_seen_at": timezone.now(), "worker_state": "idle", **fields}
+            fields = {
+                "worker_name": f"worker-{n}",
+                "worker_host": fields.get("host", settings.GPUSCHEDULER["HOST"]),
+                "worker_seen_at": timezone.now(),
+                "worker_state": "idle",
+                **fields,
+            }
         Device.objects.filter(pk=device.pk).update(health=health, **fields)
         device.refresh_from_db()
         return device

@@ -84,6 +84,12 @@ class Processes:
             process.wait(timeout=5)
 
 
+def skewed_clock(offset_seconds: float) -> dict[str, str]:
+    """The environment of a child process whose host clock runs `offset_seconds` off (negative:
+    behind): tests.settings_skewed shifts the wall clock the project reads (timezone.now, time.time)."""
+    return {"DJANGO_SETTINGS_MODULE": "tests.settings_skewed", "TEST_CLOCK_OFFSET_SECONDS": str(offset_seconds)}
+
+
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return {
         "DJANGO_SETTINGS_MODULE": "tests.settings",

@@ -7,7 +7,6 @@ import re
 import sys
 import unicodedata
 from io import StringIO
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -26,6 +25,7 @@ from gpuscheduler.worker import build_context
 from personas.attempts import sample_assignment_run
 from personas.models import Persona, SampleImage, SampleRequest
 from personas.services import sample_request_submit, validate_count
+from tests.media import media_root
 
 NASTY = st.sampled_from(
     [
@@ -105,7 +105,7 @@ def post_persona_and_check_it(admin_client, device, before, name, slug, prompt, 
     assert persona.name == name.strip(), "Django's CharField strips surrounding whitespace and keeps the rest"
     assert re.fullmatch(r"[a-z0-9]+(?:-[a-z0-9]+)*", persona.slug)
     make_one_image(persona, device)
-    media = Path(settings.MEDIA_ROOT).resolve()
+    media = media_root().resolve()
     assert SampleImage.objects.filter(persona=persona).count() == 1
     for image in SampleImage.objects.filter(persona=persona):
         assert SAFE_PATH.fullmatch(image.image.name), image.image.name

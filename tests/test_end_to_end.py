@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import pytest
-from django.conf import settings
 from django.contrib.messages import get_messages
 from django.urls import reverse
 from PIL import Image
@@ -13,6 +12,7 @@ from PIL import Image
 from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
+from tests.media import stored_bytes
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -39,9 +39,9 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     images = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [image.seed for image in images] == [persona.base_seed + k for k in range(4)]
     for image in images:
-        path = Path(settings.MEDIA_ROOT) / image.image.name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        with Image.open(path) as png:
+        data = stored_bytes(image.image.name)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(data)) as png:
             assert png.size == (64, 64) == (image.width, image.height)
         assert image.model == "tiny"
     succeeded = Assignment.objects.filter(request=request, state=AssignmentState.SUCCEEDED)

@@ -71,3 +71,122 @@ def test_the_personas_app_registers_its_orphan_sweep():
 
     assert "samples-orphans" in housekeeping.registered()
     assert housekeeping._chores["samples-orphans"].every_seconds == SWEEP_SECONDS
+
+
+# --- the scheduler's own chores: compaction, retention and retirement, once per interval ----------
+
+
+def test_the_scheduler_registers_compaction_and_retirement_as_cluster_chores():
+    from gpuscheduler.apps import COMPACT_EVERY_SECONDS
+    from gpuscheduler.cluster import RETIRE_EVERY_SECONDS, devices_retire
+    from gpuscheduler.services import snapshots_compact
+
+    assert housekeeping._chores["snapshots-compact"].fn is snapshots_compact
+    assert housekeeping._chores["snapshots-compact"].every_seconds == COMPACT_EVERY_SECONDS
+    assert housekeeping._chores["devices-retire"].fn is devices_retire
+    assert housekeeping._chores["devices-retire"].every_seconds == RETIRE_EVERY_SECONDS
+
+
+def _old_raw_snapshots(device, count: int = 24):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from gpuscheduler.models import Snapshot
+
+    old = timezone.now().replace(second=0, microsecond=0) - timedelta(hours=3)
+    Snapshot.objects.bulk_create(
+        Snapshot(device=device, taken_at=old + timedelta(seconds=5 * i), utilization=float(i), health="healthy")
+        for i in range(count)  # two minutes at 5 s
+    )
+
+
+def _one_monitor_tick(monkeypatch) -> None:
+    """Run gpumonitor's loop in this process for exactly one tick."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from django.core.management import call_command
+
+    from gpuscheduler.management.commands import gpumonitor
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The loop's pause is where it stops: the command's own SIGTERM handler ends it after one tick.
+    monkeypatch.setattr(
+        gpumonitor,
+        "time",
+        SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: signal.raise_signal(signal.SIGTERM)),
+    )
+    try:
+        call_command("gpumonitor", "--interval", "1")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.django_db(transaction=True)  # the monitor's loop closes its connection every tick
+def test_a_monitor_leaves_compaction_to_the_one_whose_turn_it_is(device_factory, redis_db, monkeypatch):
+    from gpuscheduler.models import Snapshot
+
+    device = device_factory("H100")
+    _old_raw_snapshots(device)
+    redis_db.set("gpuscheduler:turn:housekeeping:snapshots-compact", 1, px=60_000)  # another host's turn
+
+    _one_monitor_tick(monkeypatch)
+
+    assert Snapshot.objects.filter(device=device, bucket_seconds=0).count() >= 24, "nothing folded out of turn"
+    assert not Snapshot.objects.filter(bucket_seconds__gt=0).exists()
+
+    redis_db.delete("gpuscheduler:turn:housekeeping:snapshots-compact")  # the interval has passed
+    for chore in housekeeping._chores.values():
+        chore.last_run = None
+    _one_monitor_tick(monkeypatch)
+    assert Snapshot.objects.filter(device=device, bucket_seconds=60).count() == 2, "its turn: folded once"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_monitors_folding_the_same_history_at_once_count_every_reading_once(device_factory, monkeypatch):
+    import contextlib
+    import threading
+
+    from django.db import connection
+
+    from gpuscheduler import services
+    from gpuscheduler.models import Snapshot
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite's IMMEDIATE transactions serialize the two folds; the race needs PostgreSQL")
+    device = device_factory("H100")
+    _old_raw_snapshots(device)
+    # Both monitors read the rows before either writes (what Redis being down allowed): each waits
+    # for the other at the fold for up to a second.
+    met = threading.Barrier(2)
+    averages = services._averages
+
+    def averages_after_both_read(*args, **kwargs):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            met.wait(timeout=1)
+        return averages(*args, **kwargs)
+
+    monkeypatch.setattr(services, "_averages", averages_after_both_read)
+    errors: list[BaseException] = []
+
+    def monitor() -> None:
+        try:
+            services.snapshots_compact()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=monitor) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert not errors, errors
+    rows = list(Snapshot.objects.filter(device=device, bucket_seconds=60).order_by("taken_at"))
+    assert [row.utilization for row in rows] == [5.5, 17.5], "each minute averaged once, from 12 readings each"
+    assert not Snapshot.objects.filter(device=device, bucket_seconds=0).exists()

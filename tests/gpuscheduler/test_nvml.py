@@ -132,7 +132,7 @@ def test_auto_backend_falls_back_to_the_cpu_when_nvml_is_unavailable(monkeypatch
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     backend = get_backend("auto")
     assert isinstance(backend, CpuBackend)
-    assert [d.uuid for d in backend.devices()] == ["cpu"]
+    assert [d.uuid for d in backend.devices()] == ["CPU-testhost"], "the CPU's UUID names its host id"
 
 
 def test_auto_backend_falls_back_to_the_cpu_when_nvml_sees_no_gpu(monkeypatch):
@@ -366,7 +366,7 @@ def test_a_worker_reads_only_its_own_gpu():
 
 
 def test_the_cpu_backend_reads_the_cpu_only_when_asked_for_it():
-    assert [r.uuid for r in CpuBackend().read(["cpu"])] == ["cpu"]
+    assert [r.uuid for r in CpuBackend().read(["CPU-testhost"])] == ["CPU-testhost"]
     assert CpuBackend().read(["GPU-aaaa"]) == []
 
 

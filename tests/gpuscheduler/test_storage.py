@@ -39,6 +39,7 @@ from gpuscheduler.storage import (
 from gpuscheduler.worker import GpuWorker
 from personas.models import SampleRequest
 from personas.services import sample_request_submit
+from tests.media import media_root
 
 pytestmark = pytest.mark.django_db
 
@@ -49,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def failing_write(code: int):
-    def write(probe: Path) -> None:
-        raise OSError(code, os.strerror(code), str(probe))
+    def write(store, name: str) -> None:
+        raise OSError(code, os.strerror(code), str(media_root() / name))
 
     return write
 
@@ -71,10 +72,10 @@ def test_a_store_is_admitted_only_when_writable_and_above_the_free_space_floor()
 
 
 def test_a_writable_folder_reads_healthy_and_the_probe_leaves_no_file(settings):
-    media = Path(settings.MEDIA_ROOT)
+    media = media_root()
     left = media / "samples" / "persona-1"
     left.mkdir(parents=True)
-    killed = media / f"{storage.PROBE_PREFIX}999999"  # a probe of a process killed mid-probe, long ago
+    killed = media / f"{storage.PROBE_PREFIX}otherhost-999999"  # of a process killed mid-probe, long ago
     killed.write_bytes(b"x")
     os.utime(killed, (0, 0))
     row = store_check(host=HOST)
@@ -93,7 +94,7 @@ def test_a_probe_that_cannot_write_makes_the_store_unhealthy_with_the_real_error
     monkeypatch.setattr(storage, "_probe_write", failing_write(code))
     row = store_check(host=HOST)
     assert not row.healthy
-    assert row.reason == f"{text}: media/.storage-probe-{os.getpid()}"
+    assert row.reason == f"{text}: media/.storage-probe-{HOST}-{os.getpid()}"
     assert store_admits(host=HOST) == (False, f"the media store of {HOST} is unhealthy: {row.reason}")
 
 
@@ -120,7 +121,8 @@ def test_the_next_good_reading_makes_the_store_healthy_again(monkeypatch):
 def test_a_simulated_storage_fault_fails_the_probe_until_it_is_cleared():
     simulated.set_storage_fault(HOST, "erofs")
     row = store_check(host=HOST)
-    assert not row.healthy and row.reason.startswith("Read-only file system (simulated): media/.storage-probe-")
+    assert not row.healthy
+    assert row.reason == f"Read-only file system (simulated): media/.storage-probe-{HOST}-{os.getpid()}"
     simulated.set_storage_fault(HOST, None)
     assert store_check(host=HOST).healthy
 
@@ -131,9 +133,9 @@ def test_a_simulated_storage_fault_fails_the_probe_until_it_is_cleared():
 def test_a_reported_write_error_is_not_hidden_by_a_probe_that_began_before_it(monkeypatch):
     error = "No space left on device: media/samples/persona-1/r1-0.png"
 
-    def read_while_a_worker_fails(path: Path) -> StoreReading:
+    def read_while_a_worker_fails(*, host: str) -> StoreReading:
         store_report_error(host=HOST, error=error)  # lands while this probe is under way
-        return StoreReading(path=str(path), writable=True, free_bytes=10_000 * MB, total_bytes=20_000 * MB)
+        return StoreReading(path=str(media_root()), writable=True, free_bytes=10_000 * MB, total_bytes=20_000 * MB)
 
     monkeypatch.setattr(storage, "store_read", read_while_a_worker_fails)
     row = store_check(host=HOST)
@@ -146,7 +148,7 @@ def test_a_reported_write_error_holds_until_a_probe_is_due_then_a_good_probe_cle
     store_report_error(host=HOST, error="No space left on device: media/samples/persona-1/r1-0.png")
     probes = []
     real_read = storage.store_read
-    monkeypatch.setattr(storage, "store_read", lambda path: probes.append(path) or real_read(path))
+    monkeypatch.setattr(storage, "store_read", lambda **kwargs: probes.append(kwargs) or real_read(**kwargs))
 
     ok, why = store_admits(host=HOST)
     assert (ok, probes) == (False, []), "no probe within STORE_CHECK_SECONDS of the report"
@@ -160,7 +162,7 @@ def test_a_reported_write_error_holds_until_a_probe_is_due_then_a_good_probe_cle
 def test_the_store_is_probed_at_most_once_per_check_interval(monkeypatch):
     probes = []
     real_read = storage.store_read
-    monkeypatch.setattr(storage, "store_read", lambda path: probes.append(path) or real_read(path))
+    monkeypatch.setattr(storage, "store_read", lambda **kwargs: probes.append(kwargs) or real_read(**kwargs))
     for _ in range(5):
         store_refresh(host=HOST)
     assert len(probes) == 1

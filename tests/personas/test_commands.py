@@ -19,6 +19,7 @@ from gpuscheduler import queues, simulated
 from gpuscheduler.models import Assignment, AssignmentState, Device, Health, Snapshot
 from personas.imagegen import Generator
 from personas.models import Persona, RequestState, SampleImage, SampleRequest
+from tests.media import media_root, stored_bytes
 
 
 def run(*args: str, **options: Any) -> tuple[str, str]:
@@ -77,9 +78,10 @@ def test_sync_json_makes_the_images_in_this_process_and_reports_them(sync_settin
     for image in summary["images"]:
         assert image["persona"] == "ada-lovelace"
         assert image["device"] == device_uuid
-        path = Path(image["path"])
-        assert path.is_relative_to(Path(sync_settings.MEDIA_ROOT))
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # The name in the samples storage, and (a folder storage) the file's local path.
+        assert image["name"].startswith(f"samples/persona-{persona.pk}/")
+        assert stored_bytes(image["name"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Path(image["path"]) == media_root() / image["name"]
     assert "--sync: generating on" in err
     request = SampleRequest.objects.get()
     assert request.state == RequestState.SUCCEEDED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 from rq.timeouts import JobTimeoutException
 
+import config.storage
 from gpuscheduler import assignments
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.heartbeat import Heartbeat, WorkerContext
@@ -21,6 +22,7 @@ from personas.attempts import StorageFault, sample_assignment_run, sample_images
 from personas.imagegen import GenerationResult, placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_images_delete, sample_request_submit
+from tests.media import stored_bytes, stored_names
 
 # on_commit hooks run, and other connections see the rows: as in a worker.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,14 +54,17 @@ def commit(request, assignment, device) -> bool:
     )
 
 
-def media_files(settings) -> list[Path]:
-    return sorted(p for p in Path(settings.MEDIA_ROOT).rglob("*") if p.is_file())
+def media_files(settings) -> list[str]:
+    """Every file in the samples storage, by name (.part files included)."""
+    return stored_names()
 
 
 def assert_every_row_has_its_file(settings, request: SampleRequest, count: int) -> None:
     rows = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [r.index for r in rows] == list(range(count))
-    assert media_files(settings) == sorted(Path(settings.MEDIA_ROOT) / r.image.name for r in rows)
+    assert media_files(settings) == sorted(r.image.name for r in rows)
+    for row in rows:
+        assert stored_bytes(row.image.name) == placeholder_image(request.seed_for(row.index)).png
 
 
 def fail_after_commit(monkeypatch, exc: BaseException) -> None:
@@ -186,17 +191,19 @@ def test_a_connection_killed_during_the_call_does_not_throw_the_images_away(queu
 
 
 def disk_full_on_second_file(monkeypatch) -> list[str]:
-    real = attempts._write_durably
+    """The folder storage's write of the second file fills the disk halfway through."""
+    real = config.storage._write_durably
     writes: list[str] = []
 
-    def write(path: Path, data: bytes) -> None:
+    def write(path: Path, chunks: Iterable[bytes]) -> None:
         writes.append(path.name)
+        data = b"".join(chunks)
         if len(writes) == 2:
-            real(path, data[:10])  # half a file, then the disk is full
-            raise OSError(28, "No space left on device")
-        real(path, data)
+            real(path, [data[:10]])  # half a file, then the disk is full
+            raise OSError(28, "No space left on device", str(path))
+        real(path, [data])
 
-    monkeypatch.setattr(attempts, "_write_durably", write)
+    monkeypatch.setattr(config.storage, "_write_durably", write)
     return writes
 
 
@@ -204,10 +211,12 @@ def test_a_full_disk_leaves_no_partial_file_and_names_the_file(running, settings
     request, assignment, device = running
     writes = disk_full_on_second_file(monkeypatch)
 
-    with pytest.raises(StorageFault, match=rf"No space left on device: samples/persona-{request.persona_id}/r"):
+    with pytest.raises(
+        StorageFault, match=rf"^No space left on device: media/samples/persona-{request.persona_id}/r{request.pk}-i1-a"
+    ):
         commit(request, assignment, device)
 
-    assert all(name.endswith(".png.part") for name in writes)
+    assert len(writes) == 2 and all(name.endswith(".png.part") for name in writes)
     assert media_files(settings) == [], "neither the first PNG nor the second one's .part file stays behind"
     assert SampleImage.objects.count() == 0
 
@@ -224,7 +233,7 @@ def test_a_storage_fault_puts_the_chunk_back_to_waiting_with_the_real_error(queu
     assert "No space left on device" in str(result["storage_error"])
     waiting = Assignment.objects.get(pk=attempt.pk)
     assert (waiting.state, waiting.attempt, waiting.device_id) == (AssignmentState.QUEUED, 1, None)
-    assert f"No space left on device: samples/persona-{queued.persona_id}/" in waiting.error
+    assert f"No space left on device: media/samples/persona-{queued.persona_id}/" in waiting.error
     assert queued.assignments.count() == 1, "no attempt was used up"
     assert SampleRequest.objects.get(pk=queued.pk).is_active
     admitted, why = store_admits(host="testhost")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from django.contrib.messages import constants, get_messages
 from django.test import Client
 from django.urls import reverse
 from rq.job import Job
 
+from config.storage import samples_storage
 from gpuscheduler import queues
 from gpuscheduler.models import Assignment, Health
 from personas.imagegen import placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
+from tests.media import store
 
 GENERATE = "admin:personas_persona_generate"
 
@@ -293,16 +293,14 @@ def test_no_registered_device_says_how_to_start_one(editor_client, persona):
 
 @pytest.fixture
 def stored_image(persona, two_gpus, settings):
-    """One finished request with one image file under MEDIA_ROOT."""
+    """One finished request with one image file in the samples storage."""
     device = two_gpus[0]
     request = SampleRequest.objects.create(
         persona=persona, count=1, state=RequestState.SUCCEEDED, first_seed=1234, model="simulated:0", steps=2
     )
     generated = placeholder_image(1234)
     name = f"samples/persona-{persona.pk}/r{request.pk}-i0-a1.png"
-    path = Path(settings.MEDIA_ROOT) / name
-    path.parent.mkdir(parents=True)
-    path.write_bytes(generated.png)
+    assert store(name, generated.png) == name
     return SampleImage.objects.create(
         persona=persona,
         request=request,
@@ -364,7 +362,7 @@ def test_a_missing_image_is_404(editor_client, stored_image):
 
 
 def test_an_image_whose_file_is_gone_is_404(editor_client, stored_image, settings):
-    (Path(settings.MEDIA_ROOT) / stored_image.image.name).unlink()
+    samples_storage().delete(stored_image.image.name)
     assert editor_client.get(reverse("admin:personas_persona_image", args=[stored_image.pk])).status_code == 404
 
 

@@ -16,6 +16,7 @@ from personas.imagegen import placeholder_image
 from personas.integrity import samples_repair, samples_sweep, samples_verify
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_image_path, sample_request_refresh, sample_request_submit
+from tests.media import local_path, media_root, store
 
 HOUR_AGO = time.time() - 3600
 
@@ -32,10 +33,9 @@ def aged(path: Path) -> Path:
 
 
 def write(settings, name: str, data: bytes) -> Path:
-    path = Path(settings.MEDIA_ROOT) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return aged(path)
+    """A file put in the samples storage an hour ago; its local path (these tests age files in place)."""
+    assert store(name, data) == name
+    return aged(local_path(name))
 
 
 def made(persona, settings, count: int = 4) -> SampleRequest:
@@ -80,7 +80,7 @@ def attempt_file(settings, persona, state: str, *, suffix: str = "") -> tuple[Pa
 
 
 def path_of(image: SampleImage, settings) -> Path:
-    return Path(settings.MEDIA_ROOT) / image.image.name
+    return local_path(image.image.name)
 
 
 # --- verifying ---------------------------------------------------------------------------------------
@@ -213,12 +213,12 @@ def test_a_file_whose_ids_disagree_with_its_attempt_is_left_alone(persona_factor
     owner, other = persona_factory(), persona_factory()
     path, _ = attempt_file(settings, owner, AssignmentState.FAILED)
     wrong_persona = write(settings, f"samples/persona-{other.pk}/{path.name}", b"png")
-    wrong_index = write(settings, str(path.relative_to(settings.MEDIA_ROOT)).replace("-i0-", "-i5-"), b"png")
+    wrong_index = write(settings, str(path.relative_to(media_root())).replace("-i0-", "-i5-"), b"png")
 
     report = samples_repair()
 
     assert sorted(u.path for u in report.unknown) == sorted(
-        str(p.relative_to(settings.MEDIA_ROOT)) for p in (wrong_persona, wrong_index)
+        str(p.relative_to(media_root())) for p in (wrong_persona, wrong_index)
     )
     assert wrong_persona.exists() and wrong_index.exists()
     assert not path.exists()
@@ -235,7 +235,7 @@ def test_names_this_system_does_not_write_are_reported_and_never_touched(persona
 
     report = samples_repair()
 
-    assert sorted(u.path for u in report.unknown) == sorted(str(p.relative_to(settings.MEDIA_ROOT)) for p in strays)
+    assert sorted(u.path for u in report.unknown) == sorted(str(p.relative_to(media_root())) for p in strays)
     assert all(p.exists() for p in strays)
     assert report.problems_left == 4, "a file nobody accounts for needs a person"
 
@@ -244,7 +244,7 @@ def test_an_attempt_that_commits_while_the_store_is_read_keeps_its_files(persona
     # Its files were written long ago (the commit waited out a database failover): only the order
     # of the reads (attempts, then rows) keeps them.
     path, attempt = attempt_file(settings, persona, AssignmentState.RUNNING)
-    name = str(path.relative_to(settings.MEDIA_ROOT))
+    name = str(path.relative_to(media_root()))
     listing = integrity._walk
 
     def walk_while_the_worker_commits(folder):
@@ -271,7 +271,7 @@ def test_files_changed_within_the_grace_are_never_judged(persona, gpu, settings)
 
     assert report.orphans == [] and report.recent == 1
     assert path.exists()
-    assert samples_repair(grace_seconds=0).removed == [str(path.relative_to(settings.MEDIA_ROOT))]
+    assert samples_repair(grace_seconds=0).removed == [str(path.relative_to(media_root()))]
 
 
 def test_a_row_naming_a_path_outside_the_media_folder_is_reported_and_nothing_there_is_touched(

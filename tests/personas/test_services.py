@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from django.db import IntegrityError, transaction
 
@@ -20,6 +18,7 @@ from personas.services import (
     sample_request_refresh,
     sample_request_submit,
 )
+from tests.media import stored_bytes, stored_names
 
 
 @pytest.fixture
@@ -40,8 +39,9 @@ def set_states(request: SampleRequest, *states: str) -> list[Assignment]:
     return chunks
 
 
-def media_files(settings) -> list[Path]:
-    return sorted(p for p in Path(settings.MEDIA_ROOT).rglob("*") if p.is_file())
+def media_files(settings) -> list[str]:
+    """Every file in the samples storage, by name (.part files included)."""
+    return stored_names()
 
 
 # --- submitting ---------------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def test_a_live_attempt_commits_its_files_and_rows(running, settings):
     images = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [(i.index, i.seed) for i in images] == [(0, request.first_seed), (1, request.first_seed + 1)]
     assert all(i.device == device and i.assignment_id == assignment.pk for i in images)
-    assert media_files(settings) == sorted(Path(settings.MEDIA_ROOT) / i.image.name for i in images)
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in media_files(settings))
+    assert media_files(settings) == sorted(i.image.name for i in images)
+    assert all(stored_bytes(name)[:4] == b"\x89PNG" for name in media_files(settings))
     assignment.refresh_from_db()
     assert (assignment.state, assignment.calls) == (AssignmentState.SUCCEEDED, 1)
     request.refresh_from_db()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from io import StringIO
-from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from config.storage import samples_storage
 from gpuscheduler.models import AssignmentState
 from personas.imagegen import placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
+from tests.media import media_root
 from tests.personas.test_integrity import attempt_file, made, path_of, write
 from tests.processes import wait_for
 
@@ -47,7 +48,7 @@ def test_verify_samples_lists_every_problem_and_exits_1(persona, gpu, settings):
         f"missing: {lost.image.name} (ada-lovelace, request {request.pk}, index 1, seed {lost.seed}, "
         f"made on {gpu.host}): no such file"
     ) in out
-    relative = orphan.relative_to(settings.MEDIA_ROOT)
+    relative = orphan.relative_to(media_root())
     assert f"orphan: {relative}: attempt {attempt.pk} is abandoned [orphan]" in out
     assert "unknown: samples/notes.txt: not a name this system writes (left alone; look at it)" in out
     assert "3 problem(s) found: `python manage.py verify_samples --repair` repairs them." in out
@@ -89,7 +90,7 @@ def test_verify_samples_json_has_one_object_with_every_finding(persona, gpu, set
     ]
     assert report["orphans"] == [
         {
-            "path": str(orphan.relative_to(settings.MEDIA_ROOT)),
+            "path": str(orphan.relative_to(media_root())),
             "reason": f"attempt {attempt.pk} is failed",
             "attempt": attempt.pk,
         }
@@ -119,7 +120,7 @@ def test_verify_samples_repair_that_repaired_everything_exits_0(
         "seeds": [lost.seed],
         "jobs": [],
     }
-    assert report["removed"] == [str(orphan.relative_to(settings.MEDIA_ROOT))]
+    assert report["removed"] == [str(orphan.relative_to(media_root()))]
     assert report["problems_left"] == 0 and not orphan.exists()
 
 
@@ -154,15 +155,16 @@ def test_verify_samples_refuses_bad_options_with_a_clear_message(db, args, messa
 
 
 def test_verify_samples_on_a_media_folder_it_cannot_read_says_so(db, monkeypatch):
-    from django.core.files.storage import default_storage
-
     def refuse(path):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(default_storage, "listdir", refuse)
+    monkeypatch.setattr(samples_storage(), "listdir", refuse)
 
-    with pytest.raises(CommandError, match=r"The media folder cannot be read \(\[Errno 13\] Permission denied"):
+    with pytest.raises(CommandError) as refused:
         call_command("verify_samples", stdout=StringIO())
+    assert str(refused.value).startswith(
+        f"The media store {media_root()} cannot be read ([Errno 13] Permission denied"
+    ), refused.value
 
 
 # --- with real processes --------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_a_lost_and_a_damaged_image_are_made_again_by_a_worker_with_the_same_see
     succeeded = lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED  # noqa: E731
     wait_for(succeeded, 60, lambda: f"the request to succeed\n{cluster.logs()}")
     before = {image.index: image for image in SampleImage.objects.filter(request=request)}
-    media = Path(cluster.settings.MEDIA_ROOT)
+    media = media_root()
     (media / before[1].image.name).unlink()
     (media / before[2].image.name).write_bytes(b"\x89PNG\r\n\x1a\nnot the rest")
 

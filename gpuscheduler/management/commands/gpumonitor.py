@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -10,12 +11,13 @@ from django.db import close_old_connections
 
 from gpuscheduler import housekeeping
 from gpuscheduler.backends import BackendUnavailable, get_backend
+from gpuscheduler.clock import db_now
+from gpuscheduler.cluster import monitor_beat
 from gpuscheduler.conf import gpu_config
 from gpuscheduler.recovery import assignments_recover_in_turn
-from gpuscheduler.services import snapshots_compact, snapshots_record
+from gpuscheduler.services import snapshots_record
 from gpuscheduler.storage import store_check, store_refresh
 
-COMPACT_EVERY_SECONDS = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -43,11 +45,13 @@ class Command(BaseCommand):
         stopping = []
         signal.signal(signal.SIGTERM, lambda *a: stopping.append(True))
         signal.signal(signal.SIGINT, lambda *a: stopping.append(True))
-        last_compact = 0.0
+        host = config["HOST"]
+        started_at = None
         try:
             while not stopping:
                 started = time.monotonic()
                 if once:
+                    monitor_beat(host=host, pid=os.getpid(), started_at=db_now())
                     for snap in snapshots_record(backend=backend, host=config["HOST"]):
                         self.stdout.write(f"{snap.device.label}: {snap.health} {snap.error}".rstrip())
                     store = store_check(host=config["HOST"])
@@ -55,13 +59,14 @@ class Command(BaseCommand):
                     return
                 try:
                     close_old_connections()
+                    started_at = started_at or db_now()
+                    monitor_beat(host=host, pid=os.getpid(), started_at=started_at)
                     snapshots_record(backend=backend, host=config["HOST"])
                     store_refresh(host=config["HOST"])
                     assignments_recover_in_turn()
-                    housekeeping.run_due()  # chores apps register (personas: the orphan sweep)
-                    if started - last_compact > COMPACT_EVERY_SECONDS:
-                        snapshots_compact()
-                        last_compact = started
+                    # Cluster-wide chores, each run by one monitor per interval: snapshot compaction
+                    # and retention, device retirement (gpuscheduler), the orphan sweep (personas).
+                    housekeeping.run_due()
                 except Exception:
                     # The collector outlives a restarting database or a Redis blip: log, go on.
                     log.exception("gpumonitor: this tick failed; trying again in %.1f s", interval)

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from config.storage import samples_storage, storage_errors, storage_where
 from personas.integrity import GRACE_SECONDS, SamplesReport, samples_repair, samples_verify
 
 
@@ -42,9 +43,10 @@ class Command(BaseCommand):
                 report = samples_repair(grace_seconds=grace_seconds, force=force)
             else:
                 report = samples_verify(grace_seconds=grace_seconds)
-        except OSError as exc:
+        except storage_errors() as exc:
             raise CommandError(
-                f"The media folder cannot be read ({exc}): check DATA_DIR (MEDIA_ROOT) and its mount."
+                f"The media store {storage_where(samples_storage())} cannot be read ({exc}): check MEDIA_DIR "
+                "and its mount, or the S3_* settings."
             ) from exc
         if json:
             self.stdout.write(_dumps(report.as_dict()))
