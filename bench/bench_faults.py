@@ -7,7 +7,7 @@ lost / time to recover.
   drops once (restarted empty). Recovery: from a kill to its chunk running again.
 - ambiguous: 60 images while a proxy in front of PostgreSQL lets 6 image COMMITs through and
   cuts the connection before their replies arrive (tests/pgproxy.py). Needs PostgreSQL: it uses
-  BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/persona_bench, created if missing).
+  BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/persona_bench, dropped and created anew).
 - disk: 60 images; after 5 s the media disk is full (simulated ENOSPC on every write) for 150 s.
   Recovery: from space returning to the first image stored.
 - twohosts: two machines (2 devices each, their own GPU_HOST and DATA_DIR) share the database,
@@ -80,14 +80,15 @@ def _ping(client) -> bool:  # type: ignore[no-untyped-def]
         return False
 
 
-def _ensure_pg_database(url: str) -> None:
+def _fresh_pg_database(url: str) -> None:
+    """An empty database for this run (a previous run's rows would look like live workers)."""
     import psycopg
 
     name = url.rsplit("/", 1)[1]
     admin = url.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
 
 
 class Run:
@@ -253,7 +254,7 @@ def scenario_ambiguous(args: argparse.Namespace) -> dict[str, Any]:
 
     url = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/persona_bench")
     try:
-        _ensure_pg_database(url)
+        _fresh_pg_database(url)
     except Exception as exc:
         return {"skipped": f"needs PostgreSQL at BENCH_PG_URL ({exc})"}
     os.environ["BENCH_DATABASE_URL"] = url
