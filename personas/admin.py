@@ -240,6 +240,17 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         return back
 
     def progress_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        try:
+            return self._progress(request, object_id)
+        except DATABASE_ERRORS as exc:
+            # The page polls every 1.5 s: a database restart must read as "not updating, retrying"
+            # there (the script backs off on any error status), not as a 500 in the error log.
+            log.warning("progress of persona %s: %s", object_id, database_error_text(exc))
+            response = JsonResponse({"error": database_error_message(exc, "progress is not updating")}, status=503)
+            response["Retry-After"] = "5"
+            return response
+
+    def _progress(self, request: HttpRequest, object_id: str) -> HttpResponse:
         persona = self.get_object(request, unquote(object_id))
         if persona is None:
             raise Http404("No such persona.")

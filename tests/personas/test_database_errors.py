@@ -274,3 +274,18 @@ def test_a_database_error_in_the_command_is_a_command_error_not_a_traceback(pers
         "above stand; nothing else was queued. Try again in a moment."
     )
     assert_nothing_written(persona)
+
+
+def test_a_database_error_while_polling_progress_answers_503_with_the_reason_not_500(editor_client, persona):
+    url = reverse("admin:personas_persona_progress", args=[persona.pk])
+    assert editor_client.get(url).status_code == 200
+
+    with connection.execute_wrapper(fail_on('SELECT "personas_samplerequest"', LOST)):
+        response = editor_client.get(url)
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert response.json() == {
+        "error": "The database did not answer (server closed the connection unexpectedly); progress is not "
+        "updating. Try again in a moment."
+    }
