@@ -90,6 +90,24 @@ def skewed_clock(offset_seconds: float) -> dict[str, str]:
     return {"DJANGO_SETTINGS_MODULE": "tests.settings_skewed", "TEST_CLOCK_OFFSET_SECONDS": str(offset_seconds)}
 
 
+def settings_in_a_fresh_process(
+    tmp_path: Path, values: str, *, unset: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Import config.settings (as `s`) in a new interpreter with DATA_DIR=tmp_path, the variables
+    starting with any of `unset` removed and `env` added; print `values` (a Python list of settings
+    expressions) as JSON. Settings are read once per process, so only a new one shows them."""
+    code = f"import json; from config import settings as s; print(json.dumps({values}))"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(unset)} if unset else dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**environment, "DATA_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return {
         "DJANGO_SETTINGS_MODULE": "tests.settings",

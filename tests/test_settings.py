@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from io import StringIO
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from config.env import (
     env_str,
 )
 from gpuscheduler.checks import check_settings
+from tests.processes import settings_in_a_fresh_process
 
 VAR = "PERSONA_TEST_SETTING"
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,30 +210,19 @@ def test_an_unsupported_database_scheme_is_refused(url):
 # --- the settings module --------------------------------------------------------------------------
 
 
-def settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """Import config.settings with this environment; print the HTTPS-related settings as JSON."""
-    code = (
-        "import json; from config import settings as s; print(json.dumps([s.SESSION_COOKIE_SECURE, "
-        "s.CSRF_COOKIE_SECURE, getattr(s, 'SECURE_PROXY_SSL_HEADER', None), s.TIME_ZONE]))"
-    )
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TIME_ZONE"))}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**environment, "DATA_DIR": str(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def https_settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The HTTPS-related settings and the time zone, as a fresh process reads them from `env`."""
+    values = "[s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, getattr(s, 'SECURE_PROXY_SSL_HEADER', None), s.TIME_ZONE]"
+    return settings_in_a_fresh_process(tmp_path, values, unset=("DJANGO_", "TIME_ZONE"), **env)
 
 
 def test_plain_http_is_the_default(tmp_path):
-    result = settings_in_a_fresh_process(tmp_path)
+    result = https_settings_in_a_fresh_process(tmp_path)
     assert json.loads(result.stdout) == [False, False, None, "UTC"]
 
 
 def test_https_switches_make_cookies_secure_and_trust_the_proxy_header(tmp_path):
-    result = settings_in_a_fresh_process(
+    result = https_settings_in_a_fresh_process(
         tmp_path, DJANGO_SECURE_COOKIES="1", DJANGO_BEHIND_PROXY="yes", TIME_ZONE="Europe/Berlin"
     )
     assert json.loads(result.stdout) == [True, True, ["HTTP_X_FORWARDED_PROTO", "https"], "Europe/Berlin"]
@@ -242,27 +230,18 @@ def test_https_switches_make_cookies_secure_and_trust_the_proxy_header(tmp_path)
 
 @pytest.mark.parametrize("name", ["DJANGO_SECURE_COOKIES", "DJANGO_BEHIND_PROXY"])
 def test_a_bad_https_switch_stops_the_import_naming_the_variable(tmp_path, name):
-    result = settings_in_a_fresh_process(tmp_path, **{name: "https"})
+    result = https_settings_in_a_fresh_process(tmp_path, **{name: "https"})
     assert result.returncode != 0
     assert f"ImproperlyConfigured: {name}='https' is not a boolean" in result.stderr
 
 
 def login_settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """Import config.settings with this environment; print the login throttling settings as JSON."""
-    code = (
-        "import json; from config import settings as s; print(json.dumps([s.AXES_FAILURE_LIMIT, "
-        "s.AXES_COOLOFF_TIME.total_seconds(), s.AXES_LOCKOUT_PARAMETERS, s.AUTHENTICATION_BACKENDS[0], "
-        "s.MIDDLEWARE[-1], s.BEHIND_PROXY]))"
+    """The login throttling settings, as a fresh process reads them from `env`."""
+    values = (
+        "[s.AXES_FAILURE_LIMIT, s.AXES_COOLOFF_TIME.total_seconds(), s.AXES_LOCKOUT_PARAMETERS, "
+        "s.AUTHENTICATION_BACKENDS[0], s.MIDDLEWARE[-1], s.BEHIND_PROXY]"
     )
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "LOGIN_"))}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**environment, "DATA_DIR": str(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return settings_in_a_fresh_process(tmp_path, values, unset=("DJANGO_", "LOGIN_"), **env)
 
 
 def test_logins_lock_after_five_failures_per_username_and_address_for_fifteen_minutes_by_default(tmp_path):

@@ -18,6 +18,7 @@ from config.storage import check_samples_storage, samples_storage, samples_stora
 from gpuscheduler.storage import PROBE_PREFIX, store_check
 from personas.integrity import samples_verify
 from tests.media import media_root, stored_bytes, stored_names
+from tests.processes import settings_in_a_fresh_process
 
 ROOT = Path(__file__).resolve().parent.parent
 STORAGE_VARIABLES = (
@@ -46,17 +47,9 @@ def environ(monkeypatch):
 
 
 def storage_settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    code = (
-        "import json; from config import settings as s; print(json.dumps([str(s.MEDIA_ROOT), s.STORAGES['samples']]))"
-    )
-    environment = {k: v for k, v in os.environ.items() if k not in STORAGE_VARIABLES}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**environment, "DATA_DIR": str(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    """MEDIA_ROOT and the samples storage, as a fresh process reads them from `env`."""
+    return settings_in_a_fresh_process(
+        tmp_path, "[str(s.MEDIA_ROOT), s.STORAGES['samples']]", unset=STORAGE_VARIABLES, **env
     )
 
 
