@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput bench-scheduling clean
+.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy config gpuscheduler personas
 
 # Benchmarks (not tests): each prints a table and, where there is a baseline, the ratio.
-bench: bench-status bench-throughput bench-scheduling bench-soak bench-faults
+bench: bench-status bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement bench-soak bench-faults
 
 bench-status: $(STAMP)
 	$(PY) bench/bench_status_page.py
@@ -40,6 +40,18 @@ bench-throughput: $(STAMP)
 
 bench-scheduling: $(STAMP)
 	$(PY) bench/bench_scheduling.py
+
+bench-learning: $(STAMP)
+	$(PY) bench/bench_learning.py
+
+bench-batching: $(STAMP)
+	$(PY) bench/bench_batching.py
+
+bench-overhead: $(STAMP)
+	$(PY) bench/bench_overhead.py
+
+bench-placement: $(STAMP)
+	$(PY) bench/bench_placement.py
 
 bench-soak: $(STAMP)
 	$(PY) bench/bench_soak.py

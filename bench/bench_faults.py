@@ -340,7 +340,7 @@ def scenario_twohosts(args: argparse.Namespace) -> dict[str, Any]:
     """Two machines (own GPU_HOST and DATA_DIR, one shared MEDIA_DIR); host B is SIGKILLed mid-run."""
     run = Run(args, GPU_SIMULATED="sim*2", GPU_HOST="host-a")
     from gpuscheduler.models import Assignment, Device
-    from gpuscheduler.selectors import device_status
+    from gpuscheduler.page_reads import device_status
 
     shared = str(run.inst.dir / "media")  # this process (host A's web server) uses it too
 

@@ -66,6 +66,20 @@ class Installation:
         self.children.append(process)
         return process
 
+    def start_program(self, program: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start a console script of the venv (e.g. `rq worker ...`) in this installation's environment."""
+        log = open(self.dir / f"{len(self.children):02d}-{program}.log", "wb")  # noqa: SIM115 (the child's)
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / program), *args],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.children.append(process)
+        return process
+
     def close(self, keep: bool = False) -> None:
         self.stop_processes()
         if keep:

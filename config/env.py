@@ -198,6 +198,25 @@ def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
     )
 
 
+def env_call_sizes(name: str, default: list[int]) -> list[int]:
+    """A comma-separated list of pipeline call sizes ('1,4'), each a whole number from 1 to 1024."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    sizes = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not is_ascii_int(item) or not 1 <= parse_ascii_int(item, what="") <= 1024:
+            raise ImproperlyConfigured(
+                f"{name}={raw!r}: {item!r} is not a call size; use whole numbers from 1 to 1024, comma separated "
+                "(e.g. '1,4'), or an empty value for none."
+            )
+        sizes.append(parse_ascii_int(item, what=""))
+    return sorted(set(sizes))
+
+
 def parse_simulated_spec(spec: str) -> list[tuple[str, float]]:
     """Parse GPU_SIMULATED (``NAME[:SPEED][*COUNT]``, comma separated) into (name, speed) pairs.
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from config.env import (
     database_from_url,
     env_bool,
+    env_call_sizes,
     env_choice,
     env_float,
     env_host_id,
@@ -199,7 +200,18 @@ SAMPLES = {
     "MODEL": env_str("SAMPLES_MODEL", "tiny"),
     "MAX_PER_REQUEST": env_int("SAMPLES_MAX_PER_REQUEST", 16, minimum=1, maximum=1024),
     "MAX_BATCH": env_int("SAMPLES_MAX_BATCH", 16, minimum=1, maximum=1024),
-    "GPU_SATURATION": env_int("SAMPLES_GPU_SATURATION", 8, minimum=1, maximum=1024),
+    # Call sizes a worker times at start, for each device whose cost curve rests on fewer than two
+    # sizes (the curve is then learned from every call: gpuscheduler/curves.py). Empty: none.
+    "CALIBRATION": env_call_sizes("SAMPLES_CALIBRATION", [1, 4, 8, 16]),
+    # Cross-request batching: a worker fills its pipeline call with other queued chunks of the same
+    # model and steps, up to its device's best call size (off only to measure what it brings).
+    "BATCHING": env_bool("SAMPLES_BATCHING", True),
+    # torch.compile of the UNet, calls padded to these sizes (each warmed at worker start): GPUs only.
+    "COMPILE": env_bool("SAMPLES_COMPILE", False),
+    "COMPILE_BUCKETS": env_call_sizes("SAMPLES_COMPILE_BUCKETS", [1, 2, 4, 8, 16]) or [1, 2, 4, 8, 16],
+    # How long a worker may wait for more queued work to fill a pipeline call (Triton's
+    # max_queue_delay); 0 batches only work already queued.
+    "BATCH_WAIT_MS": env_int("SAMPLES_BATCH_WAIT_MS", 0, minimum=0, maximum=60_000),
     "STEPS": env_int("SAMPLES_STEPS", 25, minimum=1, maximum=500),
     "GUIDANCE": env_float("SAMPLES_GUIDANCE", 7.5, minimum=0, maximum=50),
     "JOB_TIMEOUT": env_int("SAMPLES_JOB_TIMEOUT", 600, minimum=5, maximum=86400),

@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, Storage, storages
+from django.core.files.utils import validate_file_name
 from django.utils.deconstruct import deconstructible
 
 from config.env import env_choice, env_int, env_str
@@ -34,6 +37,7 @@ SAMPLES_ALIAS = "samples"  # the STORAGES alias of sample images
 STORAGE_KINDS = ("filesystem", "s3")
 PART_SUFFIX = ".part"  # a file being written; integrity.py judges a leftover one by its attempt
 SIGNED_URL_SECONDS = 300
+FSYNC_THREADS = 8  # parallel fsyncs of one storage_save_all
 S3_VARIABLES = ("S3_BUCKET", "S3_ENDPOINT_URL", "S3_REGION", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
 # S3's own rules for a bucket name (no uppercase, no underscore: it becomes part of a host name).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -147,6 +151,34 @@ def storage_signed_url(storage: Storage, name: str) -> tuple[str, int] | None:
     return storage.url(name, expire=seconds), seconds  # type: ignore[call-arg]
 
 
+class SaveError(Exception):
+    """storage_save_all stopped at `name`, which the storage refused with `error`; `saved` are the
+    names stored whole before it (nothing of `name` or of the files after it is left)."""
+
+    def __init__(self, error: Exception, *, name: str, saved: list[str]) -> None:
+        self.error, self.name, self.saved = error, name, saved
+        super().__init__(f"{storage_error_text(error)}: {name}")
+
+
+def storage_save_all(storage: Storage, files: Sequence[tuple[str, bytes]]) -> list[str]:
+    """Save files in order, each whole or not at all (as `storage.save` does), and return their names.
+
+    Raises SaveError at the first file the storage refuses, with the names saved before it. A folder
+    storage writes them together, as durably as one by one but with their fsyncs in parallel
+    (DurableFileSystemStorage.save_all); another saves them one by one.
+    """
+    save_all = getattr(storage, "save_all", None)
+    if callable(save_all):
+        return list(save_all(files))
+    saved: list[str] = []
+    for name, data in files:
+        try:
+            saved.append(storage.save(name, ContentFile(data)))
+        except storage_errors() as exc:
+            raise SaveError(exc, name=name, saved=saved) from exc
+    return saved
+
+
 @deconstructible(path="config.storage.DurableFileSystemStorage")
 class DurableFileSystemStorage(FileSystemStorage):
     """A folder where a file appears whole or not at all, and stays after a power cut.
@@ -164,32 +196,133 @@ class DurableFileSystemStorage(FileSystemStorage):
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + PART_SUFFIX)
         try:
-            _write_durably(part, content.chunks())
+            _write_part(part, content.chunks())
+            _fsync(part)
             os.replace(part, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 part.unlink(missing_ok=True)
             raise
-        _fsync_folder(path.parent)  # the rename survives a power cut before the rows commit
+        _fsync(path.parent)  # the rename survives a power cut before the rows commit
         if self.file_permissions_mode is not None:
             os.chmod(path, self.file_permissions_mode)
         return path.relative_to(self.location).as_posix()
 
+    def save_all(self, files: Sequence[tuple[str, bytes]]) -> list[str]:
+        """Save files as `save` does, and as durably: each part written in order and fsynced while
+        the next ones are written, renamed into place in order, then each folder fsynced once. A
+        fsync costs 1-3 ms and a pipeline call makes up to SAMPLES_MAX_BATCH images: in parallel
+        they cost about one. On an error keeps the files before the first one refused and raises
+        SaveError."""
+        names = [self._valid_name(name) for name, _ in files]
+        paths = [Path(self.path(name)) for name in names]
+        parts = [path.with_name(path.name + PART_SUFFIX) for path in paths]
+        stop = len(files)  # files[:stop] are saved; error: why not the next one
+        error: Exception | None = None
+        begun = renamed = 0
+        syncs: list[Future[OSError | None]] = []
+        try:
+            for i, ((_, data), part) in enumerate(zip(files, parts, strict=True)):
+                begun = i + 1
+                try:
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    _write_part(part, [data])
+                except OSError as exc:
+                    stop, error = i, exc
+                    break
+                syncs.append(_fsync_later(part, alone=len(files) == 1))
+            stop, error = _first_failure([sync.result() for sync in syncs], stop, error)
+            for i in range(stop):
+                try:
+                    os.replace(parts[i], paths[i])
+                except OSError as exc:
+                    stop, error = i, exc
+                    break
+                renamed = i + 1
+            # Each folder once, keyed by its first file: a folder that fails takes its files and all after.
+            folders: dict[Path, int] = {}
+            for i in range(stop):
+                folders.setdefault(paths[i].parent, i)
+            failures = _fsync_each(list(folders))
+            for first, failure in zip(folders.values(), failures, strict=True):
+                if failure is not None and first < stop:
+                    stop, error = first, failure
+            if self.file_permissions_mode is not None:
+                for path in paths[:stop]:
+                    os.chmod(path, self.file_permissions_mode)
+        except BaseException:
+            _unlink(parts[:begun] + paths[:renamed])
+            raise
+        if error is None:
+            return [path.relative_to(self.location).as_posix() for path in paths]
+        _unlink(parts[stop:begun] + paths[stop:renamed])
+        raise SaveError(error, name=names[stop], saved=[p.relative_to(self.location).as_posix() for p in paths[:stop]])
 
-def _write_durably(path: Path, chunks: Iterable[bytes | str]) -> None:
+    def _valid_name(self, name: str) -> str:
+        # What Storage.save checks before _save (with allow_overwrite the name is kept).
+        validate_file_name(name, allow_relative_path=True)
+        name = self.get_available_name(name)
+        validate_file_name(name, allow_relative_path=True)
+        return name
+
+
+def _write_part(path: Path, chunks: Iterable[bytes | str]) -> None:
     with open(path, "wb") as handle:
         for chunk in chunks:
             handle.write(chunk.encode() if isinstance(chunk, str) else chunk)
         handle.flush()
-        os.fsync(handle.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder: its data, or the names in it, reach the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_quietly(path: Path) -> OSError | None:
+    try:
+        _fsync(path)
+    except OSError as exc:
+        return exc
+    return None
+
+
+_fsync_pool: ThreadPoolExecutor | None = None
+
+
+def _fsync_later(path: Path, *, alone: bool = False) -> Future[OSError | None]:
+    """fsync `path` in a thread of a small pool (fsync releases the GIL, and the file system commits
+    concurrent ones together); the future gives its error, or None. `alone`: at once, in this thread."""
+    if alone:
+        done: Future[OSError | None] = Future()
+        done.set_result(_fsync_quietly(path))
+        return done
+    global _fsync_pool
+    if _fsync_pool is None:
+        _fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
+    return _fsync_pool.submit(_fsync_quietly, path)
+
+
+def _fsync_each(paths: list[Path]) -> list[OSError | None]:
+    """fsync every path, in parallel when there are several; returns each one's error, or None."""
+    syncs = [_fsync_later(path, alone=len(paths) == 1) for path in paths]
+    return [sync.result() for sync in syncs]
+
+
+def _first_failure(failures: list[OSError | None], stop: int, error: Exception | None) -> tuple[int, Exception | None]:
+    for i, failure in enumerate(failures):
+        if failure is not None and i < stop:
+            return i, failure
+    return stop, error
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 # --- system checks (registered by PersonasConfig.ready) ---------------------------------------------

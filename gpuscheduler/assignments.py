@@ -28,8 +28,16 @@ from gpuscheduler.models import (
     Device,
     Health,
 )
-from gpuscheduler.policies import Chunk, get_policy, plan_chunks, plan_pinned
-from gpuscheduler.selectors import device_views, live_worker, placement_sequence
+from gpuscheduler.policies import Chunk, DeviceView, get_policy, plan_chunks, plan_pinned
+from gpuscheduler.selectors import (
+    DeviceRead,
+    device_backlogs,
+    device_reads,
+    live_worker,
+    placement_sequence,
+    views_with,
+)
+from gpuscheduler.services import placement_turn
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +56,15 @@ class NoDeviceAvailable(Exception):
 
 # --- placement ------------------------------------------------------------------------------------
 
+# What select_for_update(no_key=True) says, with one array parameter: the same statement for any
+# number of devices, and no queryset to compile during the turn (gpuscheduler.models.Device).
+LOCK_DEVICES = "SELECT id FROM gpuscheduler_device WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"
 
-def _unavailable_message(views: list) -> str:
+
+def _unavailable_message(views: list[DeviceView]) -> str:
     if not views:
         return "No device is registered yet: start `python manage.py gpuworkers` (or `gpumonitor`) first."
-    devices = Device.objects.in_bulk([v.id for v in views])
+    devices = Device.objects.in_bulk([v.id for v in views])  # only on the way to an error
     reasons = "; ".join(
         f"{v.label} is {v.blocked or f'{devices[v.id].health} ({devices[v.id].health_reason})'}"
         for v in views
@@ -71,78 +83,55 @@ def assignments_place(
     avoid_device_id: int | None = None,
     whole: bool = False,
     require_worker: bool = True,
+    model: str | None = None,
+    steps: int | None = None,
 ) -> list[Assignment]:
     """Split `count` images into chunks, place each on a device and store the assignments.
 
     `whole` keeps the images in one chunk (a retry re-runs exactly the chunk that failed).
     A pinned device must have a live worker unless `require_worker` is off: only that device's
-    worker reads its pinned queue. Runs inside the caller's transaction; the caller enqueues
-    after commit.
+    worker reads its pinned queue. `model` and `steps` choose the cost curves (the default ones
+    when not given). Runs inside the caller's transaction; the caller enqueues after commit.
+    A fixed number of queries whatever the number of devices and snapshots (placement_locked).
     """
     assert transaction.get_connection().in_atomic_block, "assignments_place must run in a transaction"
-    # Lock every device row in one order so concurrent placements see each other's work
-    # (PostgreSQL); SQLite's IMMEDIATE transactions already serialize writers.
-    # THE LOCK ORDER, for every transaction that writes device rows: the persona (a press) or the
-    # ending attempt's own row (fail, recovery) first, then device rows in pk order, all of them
-    # here (or in assignment_move_away), then new or queued attempts. Nothing may lock or UPDATE a
-    # device row before that: recovery once cleared the dead worker's device row first and then
-    # waited here for the lower rows, which a press held while it waited for that one (a
-    # PostgreSQL deadlock). Other device writes are one-row autocommit UPDATEs, or lock their rows
-    # in pk order first (the monitor's last_seen). NO KEY: the foreign-key checks of snapshot,
-    # image and canary rows (FOR KEY SHARE) need not wait for placement, nor placement for them.
-    devices = list(Device.objects.select_for_update(no_key=True).order_by("pk"))
-    views = device_views(devices)
     max_batch = count if whole else int(samples_config()["MAX_BATCH"])
-    chunks: list[Chunk]
-    if pinned_device is not None:
-        view = next((v for v in views if v.id == pinned_device.pk), None)
-        if view is None and any(d.pk == pinned_device.pk for d in devices):
-            raise NoDeviceAvailable(
-                f"{pinned_device.label} is retired (nothing was heard of it for a long time), so it takes no work: "
-                "let the policy choose a device; it comes back by itself once its monitor or worker runs again."
-            )
-        if view is None:
-            raise NoDeviceAvailable(f"Device {pinned_device} is not registered.")
-        if require_worker and view.blocked:
-            raise NoDeviceAvailable(
-                f"{pinned_device.label} is {view.blocked}, so it takes no work now: let the policy choose a device, "
-                "or pin it again once this one is back."
-            )
-        if require_worker and not view.worker_alive:
-            raise NoDeviceAvailable(
-                f"{pinned_device.label} has no running worker, so nothing would take work pinned to it: "
-                f"start `python manage.py gpuworkers` on {pinned_device.host}, or let the policy choose."
-            )
-        state = "" if view.healthy else f" ({pinned_device.health}: the images wait for it to recover)"
-        chunks = plan_pinned(count, view, max_batch=max_batch, reason=f"chosen explicitly: {view.describe()}{state}")
-        policy_name = "explicit"
-    else:
-        policy_name = gpu_config()["POLICY"]
-        ranked = get_policy(policy_name)(views, placement_sequence())
+    policy_name = "explicit" if pinned_device is not None else gpu_config()["POLICY"]
+    policy = None if pinned_device is not None else get_policy(policy_name)
+
+    def plan(views: list[DeviceView]) -> list[Chunk]:
+        if pinned_device is not None:
+            return _plan_pinned(views, pinned_device, count=count, max_batch=max_batch, require_worker=require_worker)
+        assert policy is not None
+        ranked = policy(views, placement_sequence() if policy_name == "round_robin" else 0)
         if avoid_device_id is not None and len(ranked) > 1:
             ranked = [r for r in ranked if r.device.id != avoid_device_id]
         if not ranked:
             raise NoDeviceAvailable(_unavailable_message(views))
         if whole:
-            chunks = [Chunk(ranked[0].device.id, 0, count, ranked[0].reason)]
-        else:
-            chunks = plan_chunks(count, ranked, max_batch=max_batch, by_finish=policy_name == "balanced")
-    created = []
-    for chunk in chunks:
-        assignment = Assignment.objects.create(
+            return [Chunk(ranked[0].device.id, 0, count, ranked[0].reason)]
+        return plan_chunks(count, ranked, max_batch=max_batch, by_finish=policy_name == "balanced")
+
+    chunks = placement_locked(device_reads(model=model, steps=steps), plan)
+    pinned = pinned_device is not None
+    created = Assignment.objects.bulk_create(
+        Assignment(
             kind=AssignmentKind.SAMPLES,
             request_id=request_id,
             first_index=first_index + chunk.first_index,
             image_count=chunk.size,
             attempt=attempt,
             job_id=f"samples-{uuid.uuid4().hex}",
-            queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned_device is not None),
+            queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned),
             planned_device_id=chunk.device_id,
-            pinned=pinned_device is not None,
-            avoid_device_id=avoid_device_id if pinned_device is None else None,
+            pinned=pinned,
+            avoid_device_id=None if pinned else avoid_device_id,
             policy=policy_name,
             reason=chunk.reason[:500],
         )
+        for chunk in chunks
+    )
+    for assignment, chunk in zip(created, chunks, strict=True):
         log.info(
             "request %s images %s (attempt %d) -> %s [%s]",
             request_id,
@@ -151,8 +140,75 @@ def assignments_place(
             assignment.queue_name,
             chunk.reason,
         )
-        created.append(assignment)
     return created
+
+
+def _plan_pinned(
+    views: list[DeviceView], device: Device, *, count: int, max_batch: int, require_worker: bool
+) -> list[Chunk]:
+    view = next((v for v in views if v.id == device.pk), None)
+    if view is None and Device.objects.filter(pk=device.pk).exists():
+        raise NoDeviceAvailable(
+            f"{device.label} is retired (nothing was heard of it for a long time), so it takes no work: "
+            "let the policy choose a device; it comes back by itself once its monitor or worker runs again."
+        )
+    if view is None:
+        raise NoDeviceAvailable(f"Device {device} is not registered.")
+    if require_worker and view.blocked:
+        raise NoDeviceAvailable(
+            f"{device.label} is {view.blocked}, so it takes no work now: let the policy choose a device, "
+            "or pin it again once this one is back."
+        )
+    if require_worker and not view.worker_alive:
+        raise NoDeviceAvailable(
+            f"{device.label} has no running worker, so nothing would take work pinned to it: "
+            f"start `python manage.py gpuworkers` on {device.host}, or let the policy choose."
+        )
+    state = "" if view.healthy else f" ({device.health}: the images wait for it to recover)"
+    return plan_pinned(count, view, max_batch=max_batch, reason=f"chosen explicitly: {view.describe()}{state}")
+
+
+def placement_locked(reads: list[DeviceRead], plan: Callable[[list[DeviceView]], list[Chunk]]) -> list[Chunk]:
+    """Plan on the devices as `reads` has them (read before the turn) and on their backlogs as
+    they are once this transaction has its placement turn; lock the rows of the devices chosen.
+
+    Placements take turns (services.placement_turn), each holding its turn until its transaction
+    commits and reading the backlogs once it has it, so it sees the work of every placement
+    before it (READ COMMITTED reads what committed before each statement): exact, as when each
+    placement locked every device row. The devices, their readings and curves are read before
+    the turn (no placement changes them); in it, one aggregate, the plan, the rows of the
+    devices chosen and the insert.
+
+    Why turns, not only the rows of the devices chosen: submitters that read the same backlogs
+    choose the same device, so with row locks alone all but one waited for it, found its backlog
+    changed and planned again, over and over (8 submitter processes on bench/bench_placement.py's
+    data, PostgreSQL, 2 cores: 43 placements/s and p99 600 ms that way, 96/s and 154 ms in turns).
+
+    THE LOCK ORDER, for every transaction that writes device rows: the persona (a press) or the
+    ending attempt's own row (fail, recovery) first, then the placement turn, which every
+    transaction takes that places work or locks several device rows (the monitor's tick), then
+    those device rows in pk order, in one statement, then new or queued attempts. Nothing may
+    lock or UPDATE a device row before that: recovery once cleared the dead worker's device row
+    first and then waited for the rows a press held while it waited for that one (a PostgreSQL
+    deadlock). Other device writes are one-row autocommit UPDATEs, which never wait holding a
+    row; so a transaction that places twice may lock a row below one it holds. NO KEY: the
+    foreign-key checks of snapshot, image and canary rows (FOR KEY SHARE) need not wait for
+    placement, nor placement for them. SQLite takes no lock: its IMMEDIATE transactions
+    serialize writers (config/env.py).
+    """
+    placement_turn()
+    chunks = plan(views_with(reads, device_backlogs()))
+    _lock_devices(sorted({c.device_id for c in chunks}))
+    return chunks
+
+
+def _lock_devices(ids: list[int]) -> None:
+    """Lock these device rows, in pk order, in one statement (FOR NO KEY UPDATE); nothing on SQLite,
+    whose IMMEDIATE transactions serialize writers."""
+    connection = transaction.get_connection()
+    if ids and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(LOCK_DEVICES, [ids])
 
 
 def enqueue_on_commit(assignments: list[Assignment], on_done: Callable[[int], None] | None = None) -> None:
@@ -199,17 +255,24 @@ def assignment_claim(
             log.info("assignment %s failed on %s before: leaving it for another device", assignment_id, device.label)
             return None
     claimed = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
-        state=AssignmentState.RUNNING,
-        device=device,
-        worker_name=worker_name,
-        host=host,
-        started_at=DbNow(),
-        heartbeat_at=DbNow(),
-        deadline_at=DbNow() + timedelta(seconds=timeout),
+        **claim_fields(device=device, worker_name=worker_name, host=host, timeout=timeout)
     )
     if not claimed:
         return None
     return Assignment.objects.select_related("planned_device", "device").get(pk=assignment_id)
+
+
+def claim_fields(*, device: Device, worker_name: str, host: str, timeout: float) -> dict[str, object]:
+    """What a claim writes on a queued attempt (here, and for the partners of a batched call)."""
+    return {
+        "state": AssignmentState.RUNNING,
+        "device": device,
+        "worker_name": worker_name,
+        "host": host,
+        "started_at": DbNow(),
+        "heartbeat_at": DbNow(),
+        "deadline_at": DbNow() + timedelta(seconds=timeout),
+    }
 
 
 def _queued_within(seconds: float) -> ExpressionWrapper:
@@ -223,20 +286,28 @@ def assignment_move_away(*, assignment_id: int, device: Device) -> bool:
     of the device it failed on (out of memory at one image, a timeout) hands it on when it pops it.
     """
     with transaction.atomic():
-        devices = list(Device.objects.select_for_update(no_key=True).order_by("pk"))
-        views = [v for v in device_views(devices) if v.id != device.pk and v.healthy and v.worker_alive]
-        ranked = get_policy(gpu_config()["POLICY"])(views, placement_sequence()) if views else []
-        if not ranked:
+        policy_name = gpu_config()["POLICY"]
+        policy = get_policy(policy_name)
+
+        def plan(views: list[DeviceView]) -> list[Chunk]:
+            others = [v for v in views if v.id != device.pk and v.healthy and v.worker_alive]
+            ranked = policy(others, placement_sequence() if policy_name == "round_robin" else 0) if others else []
+            return [Chunk(ranked[0].device.id, 0, 1, ranked[0].reason)] if ranked else []
+
+        reads = device_reads()
+        chosen = placement_locked(reads, plan)
+        if not chosen:
             return False
-        target = ranked[0]
+        target = chosen[0]
         moved = Assignment.objects.filter(pk=assignment_id, state=AssignmentState.QUEUED).update(
-            planned_device_id=target.device.id,
-            queue_name=queues.device_queue_name(target.device.id),
+            planned_device_id=target.device_id,
+            queue_name=queues.device_queue_name(target.device_id),
             reason=f"moved away from {device.label}, where it failed: {target.reason}"[:500],
         )
         if not moved:
             return False
-        log.info("assignment %s moved from %s to %s", assignment_id, device.label, target.device.label)
+        label = next(read["label"] for read in reads if read["id"] == target.device_id)
+        log.info("assignment %s moved from %s to %s", assignment_id, device.label, label)
         enqueue_on_commit(list(Assignment.objects.filter(pk=assignment_id)))
     return True
 
@@ -246,8 +317,11 @@ def assignment_heartbeat(*, assignment_id: int) -> bool:
     return bool(Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(heartbeat_at=DbNow()))
 
 
-def assignment_succeed(*, assignment_id: int, calls: int, peak_memory: int | None, note: str = "") -> bool:
-    """Close a running attempt as succeeded; False if it lost its lease (its images must go)."""
+def assignment_succeed(
+    *, assignment_id: int, calls: int, peak_memory: int | None, note: str = "", pipeline_call_id: int | None = None
+) -> bool:
+    """Close a running attempt as succeeded; False if it lost its lease (its images must go).
+    `pipeline_call_id`: the timed call that made its images (shared by attempts batched together)."""
     assert transaction.get_connection().in_atomic_block, "commit images and the attempt together"
     return bool(
         Assignment.objects.filter(pk=assignment_id, state=AssignmentState.RUNNING).update(
@@ -256,6 +330,7 @@ def assignment_succeed(*, assignment_id: int, calls: int, peak_memory: int | Non
             calls=calls,
             peak_memory=peak_memory,
             error=note[:10000],
+            pipeline_call_id=pipeline_call_id,
         )
     )
 

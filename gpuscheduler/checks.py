@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -75,6 +76,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 f"GPU_STEAL={config['STEAL']!r} is not a stealing rule.",
                 hint=f"Set GPU_STEAL to one of: {', '.join(STEAL_RULES)} (speed is the default).",
                 id="gpuscheduler.E007",
+            )
+        )
+    if os.environ.get("SAMPLES_GPU_SATURATION") is not None:
+        problems.append(
+            Warning(
+                "SAMPLES_GPU_SATURATION is set but no longer read: each device's saturation (its best call size) "
+                "is learned from its own timed calls.",
+                hint="Remove SAMPLES_GPU_SATURATION; the GPU status page shows each device's learned cost curve.",
+                id="gpuscheduler.W003",
             )
         )
     url = urlsplit(settings.REDIS_URL)

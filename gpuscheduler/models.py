@@ -42,7 +42,6 @@ class Device(models.Model):
     pci_bus_id = models.CharField(max_length=64, blank=True)
     memory_total = models.BigIntegerField(default=0, help_text="Bytes.")
     kind = models.CharField(max_length=16, choices=DeviceKind.choices)
-    speed = models.FloatField(default=1.0, help_text="Relative speed (simulated devices only).")
     health = models.CharField(max_length=16, choices=Health.choices, default=Health.PROBATION)
     health_reason = models.CharField(max_length=500, blank=True)
     health_changed_at = models.DateTimeField(null=True, blank=True)
@@ -63,6 +62,12 @@ class Device(models.Model):
         help_text="Set once nothing was heard of it for GPU_RETIRE_AFTER_HOURS: hidden from placement and the "
         "status page, kept for history; cleared when it is seen again.",
     )
+    # The latest reading, copied from its newest snapshot when it is stored: placement reads the
+    # device rows alone, whatever the size of the snapshot history.
+    reading_at = models.DateTimeField(null=True, blank=True)
+    memory_used = models.BigIntegerField(null=True, blank=True, help_text="Bytes, at the latest reading.")
+    utilization = models.FloatField(null=True, blank=True, help_text="%, at the latest reading.")
+    temperature = models.FloatField(null=True, blank=True, help_text="Degrees C, at the latest reading.")
     # The database's clock: stale_seconds compares it with times other hosts wrote (gpuscheduler/clock.py).
     created = models.DateTimeField(db_default=DbNow(), editable=False)
 
@@ -152,6 +157,55 @@ class Snapshot(models.Model):
         return f"{self.device} at {timezone.localtime(self.taken_at):%Y-%m-%d %H:%M:%S %Z}"
 
 
+class PipelineCall(models.Model):
+    """One timed pipeline call on one device: the call alone, not loading the model or saving images.
+
+    The worker records every call; its device's cost curve (CostCurve) is fitted from the latest
+    ones. Attempts that shared a call (cross-request batching) point at the same row.
+    """
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="pipeline_calls")
+    model = models.CharField(max_length=300)
+    steps = models.PositiveIntegerField()
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    images = models.PositiveIntegerField()
+    seconds = models.FloatField()
+    calibration = models.BooleanField(default=False, help_text="Made at worker start to seed the curve.")
+    at = models.DateTimeField(db_default=DbNow(), editable=False)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["device", "model", "steps", "id"], name="pipelinecall_curve")]
+
+    def __str__(self) -> str:
+        return f"{self.images} image(s) in {self.seconds:.2f} s on {self.device}"
+
+
+class CostCurve(models.Model):
+    """What a call of n images costs on one device for one model and step count, as fitted from its
+    latest PipelineCall rows: fixed + per_image * max(n, knee) seconds (gpuscheduler/curves.py)."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="cost_curves")
+    model = models.CharField(max_length=300)
+    steps = models.PositiveIntegerField()
+    fixed_seconds = models.FloatField()
+    per_image_seconds = models.FloatField()
+    knee = models.FloatField(default=1.0)
+    calls = models.PositiveIntegerField(default=0, help_text="How many timed calls the fit rests on.")
+    sizes = models.PositiveIntegerField(default=0, help_text="How many distinct call sizes it saw.")
+    updated_at = models.DateTimeField(db_default=DbNow())
+
+    class Meta:
+        ordering = ["device", "model", "steps"]
+        constraints = [
+            models.UniqueConstraint(fields=["device", "model", "steps"], name="costcurve_one_per_device_model_steps")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.model} at {self.steps} steps"
+
+
 class AssignmentKind(models.TextChoices):
     SAMPLES = "samples", "Sample images"
     CANARY = "canary", "Canary"
@@ -218,6 +272,14 @@ class Assignment(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     peak_memory = models.BigIntegerField(null=True, blank=True, help_text="Bytes, where known.")
     calls = models.PositiveIntegerField(default=0, help_text="Pipeline calls made.")
+    pipeline_call = models.ForeignKey(
+        PipelineCall,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="assignments",
+        help_text="The pipeline call that made its images; attempts batched together share one.",
+    )
 
     class Meta:
         ordering = ["-queued_at", "-id"]

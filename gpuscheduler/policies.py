@@ -12,12 +12,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from gpuscheduler.curves import PRIOR, Curve
+
 GIB = 1024**3
 
 # A split must shorten the estimated wait by at least this fraction, or the images stay together.
 # On the H100, 4 images in one call took 1.26 s and 1 image 1.23 s: spreading 4 images over 4
 # GPUs saves 2% of the wait and costs three GPUs that other requests could have used. 16 images
 # took 2.85 s in one call and 1.49 s as two calls of 8 on two GPUs: a 48% shorter wait, worth it.
+# The waits are estimated with each device's learned cost curve (gpuscheduler/curves.py).
 MIN_SPLIT_GAIN = 0.10
 
 
@@ -34,10 +37,10 @@ class DeviceView:
     memory_total: int | None = None
     utilization: float | None = None
     temperature: float | None = None
-    speed: float = 1.0
-    # Images per call below which a call costs about as much as one image: 8 on the H100
-    # (see MIN_SPLIT_GAIN); 1 where time grows with every image (CPU, simulated devices).
-    saturation: int = 1
+    # What a call of n images costs here, learned from the device's own timed calls (or borrowed
+    # from its peers until it has some), and the call size it makes best use of.
+    curve: Curve = PRIOR
+    batch: int = 1
     queued_images: int = 0
     running_images: int = 0
     # Why a device whose recorded health is fine may not take work ("stale (no reading or
@@ -53,6 +56,12 @@ class DeviceView:
     @property
     def backlog(self) -> int:
         return self.queued_images + self.running_images
+
+    @property
+    def backlog_seconds(self) -> float:
+        """How long the work already on it takes by its curve: the running call, then the queued
+        images in calls of its best size."""
+        return self.curve.cost(self.running_images) + self.curve.work(self.queued_images, self.batch)
 
     def describe(self) -> str:
         parts = [self.label + ":"]
@@ -126,10 +135,14 @@ def round_robin(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked
 
 
 def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
-    """Rank by work already placed (scaled by speed), then utilization, memory and temperature."""
+    """Rank by the time the work already placed takes (by each device's learned curve), then
+    utilization, memory and temperature."""
+    # The readings together weigh at most one image on the cheapest candidate (in seconds).
+    candidates = eligible(devices)
+    unit = min((d.curve.cost(1) for d in candidates), default=1.0) or 1.0
 
     def score(d: DeviceView) -> float:
-        backlog = d.backlog / max(d.speed, 0.01)
+        backlog = d.backlog_seconds / unit
         # Utilization while our own images run is already counted in the backlog; without
         # them it is another program's load.
         foreign = 0.0 if d.running_images else (d.utilization or 0.0) / 100.0
@@ -139,7 +152,7 @@ def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
         # queues and keep work away from a GPU that is hot, full or used by another program.
         return backlog + 0.4 * foreign + 0.4 * memory + 0.2 * heat
 
-    ranked = sorted(eligible(devices), key=lambda d: (score(d), d.id))
+    ranked = sorted(candidates, key=lambda d: (score(d), d.id))
     return [Ranked(d, round(score(d), 3), d.describe()) for d in ranked]
 
 
@@ -158,10 +171,8 @@ def get_policy(name: str) -> Policy:
 
 
 def call_cost(device: DeviceView, images: int) -> float:
-    """Estimated time of one pipeline call, in units of one saturated call on a speed-1 device."""
-    if images <= 0:
-        return 0.0
-    return math.ceil(images / max(device.saturation, 1)) / max(device.speed, 0.01)
+    """Estimated seconds of one pipeline call of `images` on this device, by its learned curve."""
+    return device.curve.cost(images)
 
 
 # How idle workers take work queued on other devices (GPU_STEAL): "speed" where steal_pays says
@@ -174,13 +185,13 @@ def steal_pays(thief: DeviceView, owner: DeviceView, images: int) -> bool:
 
     Always where the owner cannot run it (unhealthy, or no live worker): its queued work must not
     wait for it. Otherwise only where the thief would finish the chunk before the owner finishes
-    the work it already has (its running call, then its queued images): an idle T4 (speed 0.25)
-    that took an H100's next call of 8 would finish it after the H100 had done both of its own.
+    the work it already has (its running call, then its queued images), both by their learned
+    curves: an idle T4 that took an H100's next call of 8 would finish it after the H100 had done
+    both of its own.
     """
     if not owner.healthy or not owner.worker_alive:
         return True
-    owner_finish = call_cost(owner, owner.running_images) + call_cost(owner, owner.queued_images)
-    return call_cost(thief, images) < owner_finish
+    return call_cost(thief, images) < owner.backlog_seconds
 
 
 def even_sizes(count: int, parts: int) -> list[int]:
@@ -190,10 +201,10 @@ def even_sizes(count: int, parts: int) -> list[int]:
 
 def assign_sizes(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finish: bool) -> list[tuple[Ranked, int]]:
     """Give each chunk a device: in rank order, or (`by_finish`) largest chunk first to the device
-    that would finish it soonest, counting its backlog and speed, rank breaking ties."""
+    that would finish it soonest, counting its backlog by its learned curve, rank breaking ties."""
     if not by_finish:
         return [(ranked[i % len(ranked)], size) for i, size in enumerate(sizes)]
-    load = {r.device.id: call_cost(r.device, r.device.backlog) for r in ranked}
+    load = {r.device.id: r.device.backlog_seconds for r in ranked}
     placed: list[tuple[Ranked, int]] = []
     for size in sorted(sizes, reverse=True):
         best = min(
@@ -209,9 +220,33 @@ def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finis
     finish: dict[int, float] = {}
     for choice, size in assign_sizes(ranked, sizes, by_finish=by_finish):
         device = choice.device
-        start = finish.get(device.id, call_cost(device, device.backlog))
+        start = finish.get(device.id, device.backlog_seconds)
         finish[device.id] = start + call_cost(device, size)
     return max(finish.values())
+
+
+def _fill(count: int, ranked: Sequence[Ranked], devices: int, max_batch: int) -> tuple[dict[int, int], float]:
+    """Give `count` images to at most `devices` of the ranked devices, each next image (or unit of
+    images, for large requests) where it would finish soonest by the device's curve and backlog:
+    water-filling, so a device half as fast gets about half as many. Returns (images per device
+    id, estimated finish of the last one)."""
+
+    def finish(view: DeviceView, images: int) -> float:
+        return view.backlog_seconds + view.curve.work(images, max_batch)
+
+    unit = max(1, count // 256)
+    order = {r.device.id: i for i, r in enumerate(ranked)}
+    # A new device is always opened in the order of its finish for one unit, so only the first
+    # `devices` of that order can ever take images.
+    views = sorted((r.device for r in ranked), key=lambda v: (finish(v, unit), order[v.id]))[:devices]
+    given: dict[int, int] = {}
+    left = count
+    while left:
+        take = min(unit, left)
+        best = min(views, key=lambda v: (finish(v, given.get(v.id, 0) + take), order[v.id]))
+        given[best.id] = given.get(best.id, 0) + take
+        left -= take
+    return given, max(finish(v, given[v.id]) for v in views if v.id in given)
 
 
 def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_finish: bool = False) -> list[Chunk]:
@@ -219,28 +254,54 @@ def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_fini
 
     Split only as far as it shortens the estimated wait by MIN_SPLIT_GAIN: fewer, fuller calls
     make more images per second, and the devices left free take the next request. With
-    `by_finish` (the balanced policy) each chunk goes where it would finish soonest, so a slow
-    device is used only where it shortens the wait; otherwise chunk i takes the i-th device of
-    the ranking (round robin and least memory keep their own order).
+    `by_finish` (the balanced policy) the images are shared out where they would finish soonest
+    by each device's learned curve (a device twice as fast gets about twice as many), so a slow
+    device is used only where it shortens the wait; otherwise the request is cut into even chunks
+    and chunk i takes the i-th device of the ranking (round robin and least memory keep their
+    own order).
     """
     if count < 1:
         raise ValueError("count must be at least 1")
     if not ranked:
         raise ValueError("no device to place on")
+    if by_finish:
+        return _plan_by_finish(count, ranked, max_batch=max_batch)
     fewest = math.ceil(count / max_batch)
     most = max(fewest, min(count, len(ranked)))
-    best_parts, best_time = fewest, estimated_finish(ranked, even_sizes(count, fewest), by_finish=by_finish)
+    best_parts, best_time = fewest, estimated_finish(ranked, even_sizes(count, fewest))
     for parts in range(fewest + 1, most + 1):
-        candidate = estimated_finish(ranked, even_sizes(count, parts), by_finish=by_finish)
+        candidate = estimated_finish(ranked, even_sizes(count, parts))
         if candidate < best_time * (1 - MIN_SPLIT_GAIN):
             best_parts, best_time = parts, candidate
-    placed = assign_sizes(ranked, even_sizes(count, best_parts), by_finish=by_finish)
-    if by_finish:
-        placed.sort(key=lambda item: [r.device.id for r in ranked].index(item[0].device.id))
+    return _chunks(
+        [
+            (choice.device.id, choice.reason, size)
+            for choice, size in assign_sizes(ranked, even_sizes(count, best_parts), by_finish=False)
+        ]
+    )
+
+
+def _plan_by_finish(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> list[Chunk]:
+    best, best_time = _fill(count, ranked, 1, max_batch)
+    for devices in range(2, min(count, len(ranked)) + 1):
+        given, finish = _fill(count, ranked, devices, max_batch)
+        if finish < best_time * (1 - MIN_SPLIT_GAIN):
+            best, best_time = given, finish
+    reasons = {r.device.id: r.reason for r in ranked}
+    # In ranking order; more images on one device than one call takes become several even calls.
+    pieces = [
+        (device_id, reasons[device_id], size)
+        for device_id in sorted(best, key=list(reasons).index)
+        for size in even_sizes(best[device_id], math.ceil(best[device_id] / max_batch))
+    ]
+    return _chunks(pieces)
+
+
+def _chunks(pieces: Sequence[tuple[int, str, int]]) -> list[Chunk]:
     chunks: list[Chunk] = []
     first = 0
-    for choice, size in placed:
-        chunks.append(Chunk(choice.device.id, first, size, choice.reason))
+    for device_id, reason, size in pieces:
+        chunks.append(Chunk(device_id, first, size, reason))
         first += size
     return chunks
 

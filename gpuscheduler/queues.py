@@ -61,7 +61,9 @@ def enqueue_assignment(assignment: Assignment, connection: redis.Redis | None = 
         args=(assignment.pk,),
         job_id=assignment.job_id,
         timeout=config["JOB_TIMEOUT"],
-        result_ttl=3600,
+        # The database keeps what a job did (its attempt's row): a result in Redis would only cost a
+        # write per job, and rq deletes a finished job at once. A failed one stays a week, to debug.
+        result_ttl=0,
         failure_ttl=7 * 86400,
         description=f"assignment {assignment.pk}: {assignment.image_count} images, attempt {assignment.attempt}",
         # A retry goes to the front: its work was already started once, and the time from a

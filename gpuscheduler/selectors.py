@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
-from django.db.models import Avg, F, FloatField, Func, Max, Min, OuterRef, Q, Subquery, Sum, Value
-from django.db.models.functions import Floor
+from django.db import connection
+from django.db.models import (
+    BooleanField,
+    Case,
+    ExpressionWrapper,
+    F,
+    FilteredRelation,
+    FloatField,
+    Func,
+    Max,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    When,
+)
+from django.db.models.functions import Coalesce, Greatest
 
 from config.numbers import is_ascii_int
 from gpuscheduler.clock import DbNow, db_now
 from gpuscheduler.conf import gpu_config, lease, samples_config, stale_after
-from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, Snapshot
-from gpuscheduler.policies import DeviceView, Limits, age_text, stale_reason, stale_seconds, steal_pays
-from gpuscheduler.storage import stores_unhealthy
+from gpuscheduler.costs import curves_for
+from gpuscheduler.curves import Curve
+from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, MediaStore, Snapshot
+from gpuscheduler.policies import DeviceView, Limits, stale_reason, stale_seconds, steal_pays
 
 # Not a stored health: a device nobody has heard of for stale_after() shows this instead.
 STALE = "stale"
 
 
 def latest_snapshots(device_ids: list[int] | None = None) -> dict[int, Snapshot]:
-    """The newest snapshot of every device, in one query that walks the (device, taken_at) index."""
+    """The newest snapshot of every device, in one query that walks the (device, taken_at) index
+    (the status page: placement reads the copy of the latest reading on the device row)."""
     newest = Snapshot.objects.filter(device=OuterRef("pk")).order_by("-taken_at", "-id").values("id")[:1]
     devices = Device.objects.all() if device_ids is None else Device.objects.filter(pk__in=device_ids)
     ids = devices.annotate(snapshot_id=Subquery(newest)).values("snapshot_id")
@@ -76,11 +96,16 @@ def device_stale(device: Device, now: datetime | None = None) -> float | None:
 
 def device_blocked(device: Device, now: datetime, stores: dict[str, str]) -> str:
     """Why a device may not take work whatever its recorded health ('' when nothing stops it)."""
-    silent = device_stale(device, now)
+    return blocked_reason(host=device.host, silent=device_stale(device, now), store_problem=stores.get(device.host))
+
+
+def blocked_reason(*, host: str, silent: float | None, store_problem: str | None) -> str:
+    """device_blocked's words: `silent` as device_stale gives it, `store_problem` why the media
+    store of the device's host is unhealthy (None while it is healthy)."""
     if silent is not None:
-        return f"{STALE} ({stale_reason(silent)}: are `gpumonitor` and `gpuworkers` running on {device.host}?)"
-    if device.host in stores:
-        return f"paused (the media store of {device.host} is unhealthy: {stores[device.host]})"
+        return f"{STALE} ({stale_reason(silent)}: are `gpumonitor` and `gpuworkers` running on {host}?)"
+    if store_problem is not None:
+        return f"paused (the media store of {host} is unhealthy: {store_problem})"
     return ""
 
 
@@ -92,63 +117,190 @@ def device_has_pending_work(device: Device) -> bool:
     return mine.exists() or Assignment.objects.filter(state=AssignmentState.RUNNING).exists()
 
 
-def saturation(kind: str) -> int:
-    return int(samples_config()["GPU_SATURATION"]) if kind == DeviceKind.CUDA else 1
-
-
 def device_backlogs() -> dict[int, tuple[int, int]]:
-    """(queued images planned on, running images on) per device id."""
-    queued = (
-        Assignment.objects.filter(state=AssignmentState.QUEUED)
-        .values("planned_device")
-        .annotate(total_images=Sum("image_count"))
-    )
-    running = (
-        Assignment.objects.filter(state=AssignmentState.RUNNING)
-        .values("device")
-        .annotate(total_images=Sum("image_count"))
-    )
+    """(queued images planned on, running images on) per device id: one aggregate over the live
+    attempts, which their partial index finds whatever the history."""
     backlog: dict[int, tuple[int, int]] = {}
-    for row in queued:
-        backlog[row["planned_device"]] = (int(row["total_images"] or 0), 0)
-    for row in running:
-        if row["device"] is not None:
-            q, _ = backlog.get(row["device"], (0, 0))
-            backlog[row["device"]] = (q, int(row["total_images"] or 0))
+    for device_id, state, images in compiled_rows(("backlogs",), _backlog_rows):
+        if device_id is None:
+            continue
+        queued, running = backlog.get(device_id, (0, 0))
+        if state == AssignmentState.QUEUED:
+            queued = int(images or 0)
+        else:
+            running = int(images or 0)
+        backlog[device_id] = (queued, running)
     return backlog
 
 
-def device_views(devices: list[Device] | None = None, *, readings: bool = True) -> list[DeviceView]:
-    """What placement knows of each device; `readings=False` leaves out the latest snapshot
-    (memory, utilization, temperature) where only health, worker, speed and backlog count."""
-    devices = [d for d in (Device.objects.all() if devices is None else devices) if d.retired_at is None]
-    snapshots = latest_snapshots([d.pk for d in devices]) if readings else {}
-    backlogs = device_backlogs()
-    stores = stores_unhealthy()
-    now = db_now()
-    views = []
-    for device in devices:
-        snap = snapshots.get(device.pk)
-        queued, running = backlogs.get(device.pk, (0, 0))
-        blocked = device_blocked(device, now, stores)
-        views.append(
-            DeviceView(
-                id=device.pk,
-                label=device.label,
-                kind=device.kind,
-                healthy=device.health == Health.HEALTHY and not blocked,
-                blocked=blocked,
-                worker_alive=worker_alive(device, now),
-                memory_used=snap.memory_used if snap else None,
-                memory_total=(snap.memory_total if snap else None) or device.memory_total or None,
-                utilization=snap.utilization if snap else None,
-                temperature=snap.temperature if snap else None,
-                speed=device.speed,
-                saturation=saturation(device.kind),
-                queued_images=queued,
-                running_images=running,
-            )
+def _backlog_rows() -> QuerySet[Any]:
+    on = Case(When(state=AssignmentState.QUEUED, then=F("planned_device_id")), default=F("device_id"))
+    return (
+        Assignment.objects.filter(state__in=[AssignmentState.QUEUED, AssignmentState.RUNNING])
+        .annotate(on=on)
+        .order_by()
+        .values_list("on", "state")
+        .annotate(total=Sum("image_count"))
+    )
+
+
+# Placement runs the same two reads for every press, and Django compiles a queryset anew each time
+# it is evaluated: on a 2-core machine, building and compiling the device read took 4 ms and
+# running it 1.4 ms (bench/bench_placement.py). So these are compiled once per process (for each
+# database vendor and whatever else their SQL holds: model, step count, lease) and run as plain
+# SQL, rows as tuples.
+_COMPILED: dict[tuple[Any, ...], tuple[str, tuple[Any, ...]]] = {}
+
+
+def compiled_rows(key: tuple[Any, ...], build: Callable[[], QuerySet[Any]]) -> list[tuple[Any, ...]]:
+    """The rows of `build()` (a values_list queryset), its SQL compiled once per `key` and vendor."""
+    full_key = (connection.vendor, *key)
+    if full_key not in _COMPILED:
+        sql, params = build().query.sql_with_params()
+        _COMPILED[full_key] = (sql, tuple(params))
+    sql, params = _COMPILED[full_key]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRow:
+    """What placement reads of one device (placement_rows)."""
+
+    id: int
+    host: str
+    index: int | None
+    name: str
+    kind: str
+    health: str
+    memory_total: int
+    memory_used: int | None
+    utilization: float | None
+    temperature: float | None
+    alive: bool  # as live_worker
+    silent: float  # seconds since anyone heard of it, as device_stale counts them
+    store_problem: str | None  # why its host's media store is unhealthy
+    curve_fixed: float | None  # its own curve for the model and step count, if it has one
+    curve_per_image: float | None
+    curve_knee: float | None
+    curve_calls: int | None
+    curve_sizes: int | None
+
+    @property
+    def label(self) -> str:
+        # Device.label of these fields (kind, host, index, name), with no model instance to make.
+        return str(Device.label.fget(self))  # type: ignore[attr-defined]
+
+
+def placement_rows(device_ids: list[int] | None = None, *, model: str, steps: int) -> list[PlacementRow]:
+    """Every device that is not retired (of `device_ids` only, when given) as placement reads it:
+    one query whatever the number of devices and snapshots, and no datetime to parse; every time
+    is judged by the database, whose clock is the cluster's (gpuscheduler/clock.py). The latest
+    reading is its copy on the device row (services.snapshots_record and device_observe write it).
+    """
+
+    def build() -> QuerySet[Any]:
+        heard = Greatest(Coalesce("last_seen", "created"), Coalesce("worker_seen_at", "created"), "created")
+        problem = MediaStore.objects.filter(host=OuterRef("host"), healthy=False).values("reason")[:1]
+        rows = Device.objects.filter(retired_at__isnull=True)
+        if device_ids is not None:
+            rows = rows.filter(pk__in=device_ids)
+        own = FilteredRelation("cost_curves", condition=Q(cost_curves__model=model, cost_curves__steps=steps))
+        return rows.annotate(
+            own=own,
+            alive=ExpressionWrapper(live_worker(), output_field=BooleanField()),
+            silent=EpochSeconds(DbNow()) - EpochSeconds(heard),
+            store_problem=Subquery(problem),
+        ).values_list(
+            *(field.name for field in fields(PlacementRow)[:10]),
+            "alive",
+            "silent",
+            "store_problem",
+            "own__fixed_seconds",
+            "own__per_image_seconds",
+            "own__knee",
+            "own__calls",
+            "own__sizes",
         )
+
+    if device_ids is not None:
+        return [PlacementRow(*row) for row in build()]
+    key = ("placement", model, steps, lease().total_seconds())
+    return [PlacementRow(*row) for row in compiled_rows(key, build)]
+
+
+def device_views(
+    devices: list[Device] | None = None, *, readings: bool = True, model: str | None = None, steps: int | None = None
+) -> list[DeviceView]:
+    """What placement knows of each device (of `devices` only, read again, when given), with its
+    learned cost curve for this model and step count (the default ones when not given);
+    `readings=False` leaves out the latest reading (memory, utilization, temperature) where only
+    health, worker, curve and backlog count. Two queries whatever the number of devices and
+    snapshots; one more while a device has no curve of its own.
+    """
+    return views_with(device_reads(devices, readings=readings, model=model, steps=steps), device_backlogs())
+
+
+# A DeviceView's fields but its backlog, as keyword arguments (views_with adds the backlog).
+DeviceRead = dict[str, Any]
+
+
+def device_reads(
+    devices: list[Device] | None = None, *, readings: bool = True, model: str | None = None, steps: int | None = None
+) -> list[DeviceRead]:
+    """device_views without the work on each device: what placement reads before its turn."""
+    config = samples_config()
+    model, steps = (model or config["MODEL"])[:300], int(steps or config["STEPS"])
+    rows = placement_rows(None if devices is None else [d.pk for d in devices], model=model, steps=steps)
+    borrowed: dict[int, Curve] = {}
+    if any(row.curve_fixed is None for row in rows):
+        borrowed = curves_for([row.id for row in rows], model=model, steps=steps)  # peers' or the prior
+    stale_limit = stale_after().total_seconds()
+    limit = int(config["MAX_BATCH"])
+    best: dict[Curve, int] = {}
+    reads = []
+    for row in rows:
+        curve = borrowed.get(row.id) or Curve(  # as costs.curve_from_row
+            fixed=float(row.curve_fixed or 0.0),
+            per_image=float(row.curve_per_image or 0.0),
+            knee=float(row.curve_knee or 1.0),
+            calls=int(row.curve_calls or 0),
+            sizes=int(row.curve_sizes or 0),
+            source="learned",
+        )
+        if curve not in best:
+            best[curve] = curve.best_size(limit)  # costs.best_call_size, once per distinct curve
+        blocked = blocked_reason(
+            host=row.host,
+            silent=row.silent if row.silent > stale_limit else None,  # as policies.stale_seconds
+            store_problem=row.store_problem,
+        )
+        reads.append(
+            {
+                "id": row.id,
+                "label": row.label,
+                "kind": row.kind,
+                "healthy": row.health == Health.HEALTHY and not blocked,
+                "blocked": blocked,
+                "worker_alive": bool(row.alive),
+                "memory_used": row.memory_used if readings else None,
+                "memory_total": row.memory_total or None,
+                "utilization": row.utilization if readings else None,
+                "temperature": row.temperature if readings else None,
+                "curve": curve,
+                "batch": best[curve],
+            }
+        )
+    return reads
+
+
+def views_with(reads: list[DeviceRead], backlogs: dict[int, tuple[int, int]]) -> list[DeviceView]:
+    """The devices as device_reads read them, with these backlogs (device_backlogs)."""
+    views = []
+    for read in reads:
+        queued, running = backlogs.get(read["id"], (0, 0))
+        views.append(DeviceView(**read, queued_images=queued, running_images=running))
     return views
 
 
@@ -202,100 +354,6 @@ def device_resolve(text: str, *, host: str | None = None) -> Device | None:
     return None
 
 
-def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
-    """Every device with its latest snapshot, health, worker and current job, as plain data
-    (ages by the database's clock: `now` is clock.db_now(), read once per page)."""
-    now = now or db_now()
-    here = gpu_config()["HOST"]
-    devices = list(
-        Device.objects.filter(retired_at__isnull=True).select_related("current_assignment__request__persona")
-    )
-    snapshots = latest_snapshots([d.pk for d in devices])
-    backlogs = device_backlogs()
-    rows = []
-    for device in devices:
-        snap = snapshots.get(device.pk)
-        silent = device_stale(device, now)
-        alive = worker_alive(device, now)
-        missing = ""
-        if not alive and device.worker_name and device.worker_seen_at is not None:
-            missing = f"no heartbeat for {age_text((now - device.worker_seen_at).total_seconds())}"
-        # A worker's process can be looked for only on its own host (by host id, never by name):
-        # there, a SIGKILLed worker shows as missing at once instead of `busy` until its lease runs out.
-        if alive and device.worker_host == here and device.worker_pid and not pid_alive(device.worker_pid):
-            alive, missing = False, f"process {device.worker_pid} is gone"
-        current = device.current_assignment if alive else None
-        queued, running = backlogs.get(device.pk, (0, 0))
-        rows.append(
-            {
-                "id": device.pk,
-                "label": device.label,
-                "name": device.name,
-                "uuid": device.uuid,
-                "short_uuid": device.short_uuid,
-                "host": device.host,
-                "index": device.index,
-                "kind": device.kind,
-                # A stale device shows as such, whatever health it last recorded (kept beside it).
-                "health": STALE if silent is not None else device.health,
-                "health_reason": stale_reason(silent) if silent is not None else device.health_reason,
-                "health_changed_at": _iso(device.health_changed_at),
-                "recorded_health": device.health,
-                "recorded_health_reason": device.health_reason,
-                "stale_seconds": None if silent is None else round(silent, 1),
-                "last_seen": _iso(device.last_seen),
-                "last_seen_age_seconds": round((now - device.last_seen).total_seconds(), 1)
-                if device.last_seen
-                else None,
-                "snapshot": None
-                if snap is None
-                else {
-                    "taken_at": _iso(snap.taken_at),
-                    "age_seconds": round((now - snap.taken_at).total_seconds(), 1),
-                    "memory_used": snap.memory_used,
-                    "memory_total": snap.memory_total or device.memory_total or None,
-                    "utilization": snap.utilization,
-                    "temperature": snap.temperature,
-                    "power_watts": snap.power_watts,
-                    "throttle_reasons": [r for r in snap.throttle_reasons.split(",") if r],
-                    "error": snap.error,
-                },
-                "worker": {
-                    "state": device.worker_state if alive else "missing",
-                    "name": device.worker_name if alive else "",
-                    "pid": device.worker_pid if alive else None,
-                    "missing_reason": missing,
-                    "heartbeat_age_seconds": round((now - device.worker_seen_at).total_seconds(), 1)
-                    if device.worker_seen_at
-                    else None,
-                },
-                "current_job": None
-                if current is None
-                else {
-                    "job_id": current.job_id,
-                    "assignment": current.pk,
-                    "persona": current.request.persona.name if current.request else "(canary)",
-                    "persona_id": current.request.persona_id if current.request else None,
-                    "images": current.image_count,
-                    "running_since": _iso(current.started_at),
-                    "running_seconds": round((now - current.started_at).total_seconds(), 1)
-                    if current.started_at
-                    else None,
-                },
-                "queued_images": queued,
-                "running_images": running,
-            }
-        )
-    return rows
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-# --- the GPU status page ------------------------------------------------------------------------
-
-
 class EpochSeconds(Func):
     """Seconds since the Unix epoch of a datetime column, as a float, on SQLite and PostgreSQL."""
 
@@ -310,98 +368,3 @@ class EpochSeconds(Func):
     def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         template = "EXTRACT(EPOCH FROM %(expressions)s)::double precision"
         return self.as_sql(compiler, connection, template=template, **extra)
-
-
-# (device id, bucket_seconds, slot, first/last/mean seconds since the window's start,
-#  mean memory_used, largest memory_total, mean utilization, mean temperature)
-HistoryRow = tuple[Any, ...]
-HISTORY_COLUMNS = (
-    "device_id",
-    "bucket_seconds",
-    "slot",
-    "first",
-    "last",
-    "mean",
-    "used",
-    "total",
-    "utilization",
-    "temperature",
-)
-
-
-def snapshot_history(
-    *, device_ids: list[int], since: datetime, until: datetime, slot_seconds: float
-) -> list[HistoryRow]:
-    """Readings of these devices in [since, until], averaged per slot of `slot_seconds`; raw
-    readings (bucket_seconds=0) and downsampled averages come in separate rows.
-
-    The (device, taken_at) index finds the rows and the database averages them: an hour at a 2 s
-    interval is 1,800 readings a device, which cost more to turn into Python datetimes than the
-    query itself takes.
-    """
-    offset = EpochSeconds("taken_at") - Value(since.timestamp())
-    rows = (
-        Snapshot.objects.filter(device_id__in=device_ids, taken_at__gte=since, taken_at__lte=until)
-        .annotate(offset=offset, slot=Floor(F("offset") / Value(float(slot_seconds))))
-        .values("device_id", "bucket_seconds", "slot")
-        .annotate(
-            first=Min("offset"),
-            last=Max("offset"),
-            mean=Avg("offset"),
-            used=Avg("memory_used"),
-            total=Max("memory_total"),
-            utilization=Avg("utilization"),
-            temperature=Avg("temperature"),
-        )
-        .order_by("device_id", "slot", "bucket_seconds")
-        .values_list(*HISTORY_COLUMNS)
-    )
-    return [(row[0], row[1], int(row[2]), *row[3:]) for row in rows]
-
-
-SPAN_FIELDS = (
-    "id",
-    "job_id",
-    "state",
-    "first_index",
-    "image_count",
-    "started_at",
-    "finished_at",
-    "heartbeat_at",
-    "device_id",
-    "request__persona_id",
-    "request__persona__name",
-)
-
-
-def assignments_between(*, device_ids: list[int], since: datetime, until: datetime) -> list[dict[str, Any]]:
-    """Attempts that ran on these devices at some time in [since, until], oldest first, as SPAN_FIELDS dicts."""
-    config = gpu_config()
-    # An attempt cannot run longer than its job timeout plus the watchdog's grace (then the
-    # watchdog kills it and the reaper closes the row), so attempts that overlap the window
-    # started at most that long before it: the bound lets the (device, started_at) index do the
-    # work instead of walking every attempt a device ever ran. Running rows are taken whatever
-    # their age so a stuck one still shows. At least an hour, in case the timeout was shortened.
-    longest = max(
-        float(samples_config()["JOB_TIMEOUT"]) + float(config["WATCHDOG_GRACE"]) + float(config["LEASE_SECONDS"]),
-        3600.0,
-    )
-    ran = Assignment.objects.filter(device_id__in=device_ids, started_at__lte=until)
-    recent = ran.filter(started_at__gte=since - timedelta(seconds=longest))
-    overlapping = (
-        recent.filter(finished_at__gte=since)
-        | recent.filter(finished_at__isnull=True)
-        | ran.filter(state=AssignmentState.RUNNING)
-    )
-    return list(overlapping.order_by("started_at", "id").values(*SPAN_FIELDS))
-
-
-def assignments_recent(*, device_id: int | None = None, state: str | None = None, limit: int = 50) -> list[Assignment]:
-    """The newest attempts, optionally only those on one device (ran there, or queued for it) or in one state."""
-    rows = Assignment.objects.select_related("request__persona", "device", "planned_device")
-    if device_id is not None:
-        rows = rows.filter(device_id=device_id) | rows.filter(device__isnull=True, planned_device_id=device_id)
-    if state:
-        rows = rows.filter(state=state)
-    # Newest by id, not queued_at: ids grow with queued_at and the primary key needs no extra index.
-    return list(rows.order_by("-id")[:limit])

@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 
 REGISTERED = "registered, not read yet"
 
+# pg_advisory_xact_lock(PLACEMENT_LOCK): "placing work, or locking several device rows"; held until
+# the transaction ends (see assignments.placement_locked).
+PLACEMENT_LOCK = 0x706C6163
+
+
+def placement_turn() -> None:
+    """Wait for this transaction's turn to place work or lock several device rows, and keep it
+    until the transaction ends (again in the same transaction: at once). Nothing on SQLite, whose
+    IMMEDIATE transactions serialize writers."""
+    connection = transaction.get_connection()
+    assert connection.in_atomic_block, "a turn lasts until its transaction ends"
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [PLACEMENT_LOCK])
+
 
 # --- devices and health ---------------------------------------------------------------------
 
@@ -50,7 +65,6 @@ def device_upsert(*, info: DeviceInfo, host: str, existing: Device | None = None
         "pci_bus_id": info.pci_bus_id,
         "memory_total": info.memory_total,
         "kind": info.kind,
-        "speed": info.speed,
     }
     device, created = existing, False
     if device is None:
@@ -101,10 +115,17 @@ def device_observe(*, device: Device, reading: Reading, now: datetime | None = N
     now = now or row["db_now"]
     health = _health_apply(device=device, admission=reading_admission(reading, device), now=now)
     # A worker's own reading counts as a reading (a host with workers and no monitor is not
-    # stale); written at most once a heartbeat interval, less while the monitor writes it too.
+    # stale), and placement reads it from the row; written at most once a heartbeat interval, less
+    # while the monitor writes it too.
     every = timedelta(seconds=float(gpu_config()["HEARTBEAT_INTERVAL"]))
     if device.last_seen is None or now - device.last_seen >= every:
-        Device.objects.filter(pk=device.pk).update(last_seen=now)
+        Device.objects.filter(pk=device.pk).update(
+            last_seen=now,
+            reading_at=now,
+            memory_used=reading.memory_used,
+            utilization=reading.utilization,
+            temperature=reading.temperature,
+        )
         device.last_seen = now
     return health
 
@@ -159,6 +180,18 @@ def device_probation_end(*, device: Device, passed: bool, detail: str) -> bool:
     return bool(updated)
 
 
+# The latest reading, copied onto the device row (see Device.reading_at).
+READING_FIELDS = ("reading_at", "memory_used", "utilization", "temperature")
+
+
+def reading_copy(device: Device, snapshot: Snapshot) -> None:
+    """Put a reading on the device instance (the caller saves it): placement reads it there."""
+    device.reading_at = snapshot.taken_at
+    device.memory_used = snapshot.memory_used
+    device.utilization = snapshot.utilization
+    device.temperature = snapshot.temperature
+
+
 def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None) -> list[Snapshot]:
     """Read every device once, store a snapshot of each and apply the health verdicts (at the
     database's time, read once per tick)."""
@@ -185,12 +218,19 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
             )
         )
     Snapshot.objects.bulk_create(snapshots)
-    seen = [s.device_id for s in snapshots]
+    seen = sorted({s.device_id: s for s in snapshots}.values(), key=lambda s: s.device_id)
+    for snapshot in seen:
+        reading_copy(snapshot.device, snapshot)
+        snapshot.device.last_seen, snapshot.device.retired_at = now, None
     with transaction.atomic():
-        # Lock the rows in pk order first, as placement does (see assignments_place): an UPDATE of
-        # several rows locks them in the order it scans the table, and deadlocked with a press.
-        list(Device.objects.select_for_update(no_key=True).filter(pk__in=seen).order_by("pk").values_list("pk"))
-        Device.objects.filter(pk__in=seen).update(last_seen=now, retired_at=None)
+        # Several device rows: after the placement turn, then locked in pk order, as placement does
+        # (see assignments.placement_locked). An UPDATE of several rows locks them in the order it
+        # scans the table, and deadlocked with a press.
+        placement_turn()
+        ids = [s.device_id for s in seen]
+        list(Device.objects.select_for_update(no_key=True).filter(pk__in=ids).order_by("pk").values_list("pk"))
+        # One UPDATE for every device: its latest reading, which placement reads from the row.
+        Device.objects.bulk_update([s.device for s in seen], [*READING_FIELDS, "last_seen", "retired_at"])
     return snapshots
 
 

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db.models import Count
 from django.urls import reverse
 from django.utils import timezone
 
 from gpuscheduler.clock import clock_text, db_now
 from gpuscheduler.cluster import host_status
-from gpuscheduler.conf import gpu_config
+from gpuscheduler.conf import gpu_config, samples_config
+from gpuscheduler.costs import curves_for
 from gpuscheduler.models import Assignment, AssignmentState, images_label
+from gpuscheduler.page_reads import assignments_between, assignments_recent, device_status, snapshot_history
 from gpuscheduler.queues import device_queue_name, queue_depths
-from gpuscheduler.selectors import assignments_between, assignments_recent, device_status, snapshot_history
 from gpuscheduler.storage import store_status
 
 HISTORY_SECONDS = 3600
@@ -233,7 +235,37 @@ def _card(
     return row
 
 
-def _assignment_row(a: Assignment, now: datetime, pattern: str) -> dict[str, Any]:
+def cost_texts(device_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each device's learned cost curve for the default model and steps, as the page shows it:
+    "1.24 s a call up to 6.5 images, + 0.169 s per image above; best at 7 (rests on 40 calls)"."""
+    config = samples_config()
+    limit = int(config["MAX_BATCH"])
+    shown = {}
+    for device_id, curve in curves_for(device_ids).items():
+        shown[device_id] = {
+            "model": config["MODEL"],
+            "steps": int(config["STEPS"]),
+            "text": curve.describe(limit),
+            "fixed_seconds": round(curve.fixed, 4),
+            "per_image_seconds": round(curve.per_image, 4),
+            "knee": curve.knee,
+            "best_size": curve.best_size(limit),
+            "calls": curve.calls,
+            "source": curve.source,
+        }
+    return shown
+
+
+def shared_calls(assignments: list[Assignment]) -> dict[int, int]:
+    """How many attempts each pipeline call of these attempts made images for (one query)."""
+    ids = {a.pipeline_call_id for a in assignments if a.pipeline_call_id is not None}
+    if not ids:
+        return {}
+    rows = Assignment.objects.filter(pipeline_call_id__in=ids).values("pipeline_call").annotate(n=Count("id"))
+    return {row["pipeline_call"]: row["n"] for row in rows}
+
+
+def _assignment_row(a: Assignment, now: datetime, pattern: str, shared: dict[int, int]) -> dict[str, Any]:
     persona_id = a.request.persona_id if a.request else None
     name = a.request.persona.name if a.request else "(canary)"
     url = persona_url(persona_id, pattern)
@@ -267,6 +299,9 @@ def _assignment_row(a: Assignment, now: datetime, pattern: str) -> dict[str, Any
         "started_text": _clock(a.started_at, now),
         "duration_seconds": round(duration, 1) if duration is not None else None,
         "duration_text": duration_text(duration),
+        # The pipeline call that made its images, and how many attempts (requests' chunks) shared it.
+        "pipeline_call": a.pipeline_call_id,
+        "call_shared_by": shared.get(a.pipeline_call_id, 1) if a.pipeline_call_id is not None else None,
     }
 
 
@@ -313,8 +348,10 @@ def status_page(
     for span in assignments_between(device_ids=ids, since=since, until=now):
         ran.setdefault(span["device_id"], []).append(span)
     min_span = float(gpu_config()["MONITOR_INTERVAL"])
+    costs = cost_texts(ids)
     devices = []
     for row in rows:
+        row["cost"] = costs[row["id"]]
         total = (row["snapshot"] or {}).get("memory_total")
         points = history_points(
             history.get(row["id"], []), slot_seconds=slot_seconds, memory_total=total, min_span=min_span
@@ -340,6 +377,7 @@ def status_page(
         for row in rows
     ]
     recent = assignments_recent(device_id=device_id, state=state, limit=RECENT_LIMIT)
+    shared = shared_calls(recent)
     storage = store_status(now)
     for store in storage:
         free = store["free_bytes"]
@@ -375,7 +413,7 @@ def status_page(
         "hosts": hosts,
         "queues": queues,
         "redis_available": redis_available,
-        "assignments": [_assignment_row(a, now, pattern) for a in recent],
+        "assignments": [_assignment_row(a, now, pattern, shared) for a in recent],
         "filters": {
             "device": device_id,
             "state": state,

@@ -35,7 +35,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 
-from gpuscheduler import assignments, queues, recovery, storage
+from gpuscheduler import assignments, calibration, queues, recovery, storage
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
 from gpuscheduler.conf import gpu_config, lease, samples_config
@@ -51,6 +51,10 @@ from gpuscheduler.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 DEQUEUE_POLL_SECONDS = 1  # the longest a worker blocks on Redis before it looks at its device again
+# A worker that was admitted this recently pops its next job without reading its device again: a
+# reading, its health and the media store cost 3 queries, more than a short job's own work. A device
+# that fails is still stopped within this, and a storage fault of the worker's own ends it at once.
+ADMISSION_FRESH_SECONDS = 0.5
 QUEUE_REFRESH_SECONDS = 10.0
 CANARY_FIRST_PAUSE, CANARY_MAX_PAUSE = 5.0, 300.0
 
@@ -203,15 +207,21 @@ class GpuWorker(SimpleWorker):
         round: the worker must outlive a restarting database, not crash-loop on it. rq's
         StopRequested (raised from its SIGTERM handler, wherever the signal lands) passes through:
         swallowed here, a warm shutdown that arrived during housekeeping would be lost.
+        A worker admitted less than ADMISSION_FRESH_SECONDS ago (busy, between two short jobs) reads nothing.
         """
+        if self.context.admitted_recently():
+            return True
         try:
-            return self._housekeeping()
+            admitted = self._housekeeping()
         except StopRequested:
             raise
         except Exception:
             log.exception("housekeeping failed; taking no work this round")
             close_old_connections()
             return False
+        if admitted:
+            self.context.admitted_for(ADMISSION_FRESH_SECONDS)
+        return admitted
 
     def _housekeeping(self) -> bool:
         close_old_connections()
@@ -245,7 +255,9 @@ class GpuWorker(SimpleWorker):
         return admitted
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        close_old_connections()
+        # No close_old_connections() first: housekeeping has just done it before the pop (or, for
+        # a job popped right after another, the previous job's end has), and on SQLite each one
+        # costs a new connection.
         timeout = float(job.timeout or samples_config()["JOB_TIMEOUT"])
         if self.context.watchdog is not None:
             self.context.watchdog.arm(timeout)
@@ -374,9 +386,11 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
     heartbeat.start()
     try:
         started = time.monotonic()
+        loaded = False
         try:
             context.generator.warm(model)
             log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
+            loaded = True
         except Exception as exc:
             # Out of service until the model loads: a device whose jobs all fail fast would
             # look idle and draw every new chunk. Its canary tries the model again, with backoff.
@@ -384,8 +398,10 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
             scheduler.device_set_unhealthy(
                 device=context.device, reason=f"model {model} does not load: {type(exc).__name__}: {exc}"
             )
-        worker = GpuWorker(context, connection=queues.redis_connection())
         context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
+        if loaded:
+            calibration.calibrate_safely(context, model)
+        worker = GpuWorker(context, connection=queues.redis_connection())
         heartbeat.worker = worker  # from now on it keeps rq's heartbeats too
         worker.work(burst=burst, logging_level="WARNING")
     finally:

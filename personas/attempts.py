@@ -7,6 +7,11 @@ of a local exception alone: it asks the database (on a fresh connection) how its
 A succeeded attempt keeps its files, even when the COMMIT's reply never arrived; an attempt that
 is definitely not succeeded has its files removed, here or later by the reconciler, which goes
 by the attempt's state only.
+
+The attempts of one pipeline call (personas/batch.py) commit in one transaction, for speed (a
+transaction per attempt cost more than the rest of the job): each still makes its own conditional
+claim, so one that lost its lease is left out and its files removed while the others commit, and
+since they commit together, one attempt found SUCCEEDED after a fault means all the winners are.
 """
 
 from __future__ import annotations
@@ -14,22 +19,31 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
-from config.storage import samples_storage, storage_error_text, storage_errors, storage_label
+from config.storage import (
+    SaveError,
+    samples_storage,
+    storage_error_text,
+    storage_errors,
+    storage_label,
+    storage_save_all,
+)
 from gpuscheduler import assignments as scheduler
+from gpuscheduler import batching, costs
 from gpuscheduler.conf import lease, samples_config
+from gpuscheduler.curves import Timing
 from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, read_with_reconnect
 from gpuscheduler.models import Assignment, AssignmentState, Device
 from gpuscheduler.storage import store_fault_simulate, store_report_error
-from personas.imagegen import AttemptLost, GeneratedImage
+from personas.batch import Member, batch_gather, batch_generate
+from personas.imagegen import AttemptLost, GeneratedImage, GenerationResult
 from personas.models import SampleImage, SampleRequest
-from personas.services import sample_image_path, sample_request_mark_started, sample_request_refresh
+from personas.services import sample_image_path, sample_requests_refresh
 
 if TYPE_CHECKING:
     from gpuscheduler.heartbeat import WorkerContext
@@ -53,50 +67,77 @@ class StorageFault(Exception):
 
 @dataclass
 class _Written:
+    """An attempt's images, stored under their final names, and their rows (not yet committed)."""
+
+    assignment: Assignment
+    request: SampleRequest
     names: list[str]
     rows: list[SampleImage]
 
 
 def _write_files(
-    *, assignment: Assignment, request: SampleRequest, images: list[GeneratedImage], device: Device
-) -> _Written:
-    """Write every PNG durably under its final name; on a storage error remove what was written
-    (nothing of it was committed) and raise StorageFault."""
+    pending: list[tuple[Member, list[GeneratedImage]]], *, device: Device
+) -> tuple[list[_Written], StorageFault | None]:
+    """Write every attempt's PNGs durably under their final names, in order, their fsyncs together
+    (config/storage.py). Returns the attempts whose files are all written; on a storage error, the
+    error as a StorageFault too: the attempts from the one it struck on have no file left."""
     storage = samples_storage()
-    written = _Written(names=[], rows=[])
-    name = ""
-    try:
+    files: list[tuple[str, bytes]] = []
+    for member, images in pending:
+        request, attempt = member.request, member.assignment
         for offset, image in enumerate(images):
-            index = assignment.first_index + offset
             name = sample_image_path(
-                persona_id=request.persona_id, request_id=request.pk, index=index, assignment_id=assignment.pk
+                persona_id=request.persona_id,
+                request_id=request.pk,
+                index=attempt.first_index + offset,
+                assignment_id=attempt.pk,
             )
+            files.append((name, image.png))
+    refused: tuple[str, Exception] | None = None
+    try:
+        for i, (name, _) in enumerate(files):
             # A full or read-only store switched on by a test or benchmark (GPU_BACKEND=simulated).
-            store_fault_simulate(path=storage_label(storage, name))
-            written.names.append(name)
-            # Durable and atomic in the storage: fsync + rename in a folder, one PutObject in S3.
-            name = written.names[-1] = storage.save(name, ContentFile(image.png))
-            written.rows.append(
-                SampleImage(
-                    persona_id=request.persona_id,
-                    request=request,
-                    assignment=assignment,
-                    index=index,
-                    image=name,
-                    seed=image.seed,
-                    prompt=request.persona.appearance_prompt,
-                    negative_prompt=request.persona.negative_prompt,
-                    width=image.width,
-                    height=image.height,
-                    model=request.model,
-                    steps=request.steps,
-                    device=device,
-                )
-            )
-    except storage_errors() as exc:
-        _remove(storage, written.names)
-        raise StorageFault(exc, storage_label(storage, name or "samples/")) from exc
-    return written
+            try:
+                store_fault_simulate(path=storage_label(storage, name))
+            except storage_errors() as exc:
+                refused, files = (name, exc), files[:i]
+                break
+        # Durable and atomic in the storage: fsync + rename in a folder, one PutObject in S3.
+        saved = storage_save_all(storage, files)
+    except SaveError as exc:
+        refused, saved = (exc.name, exc.error), exc.saved
+    written: list[_Written] = []
+    for member, images in pending:
+        names, saved = saved[: len(images)], saved[len(images) :]
+        if len(names) < len(images):
+            _remove(storage, names)  # the refused file's attempt: nothing of it was committed
+            break
+        pairs = enumerate(zip(names, images, strict=True))
+        rows = [_row(member, offset, name, image, device) for offset, (name, image) in pairs]
+        written.append(_Written(assignment=member.assignment, request=member.request, names=names, rows=rows))
+    if refused is None:
+        return written, None
+    name, error = refused
+    return written, StorageFault(error, storage_label(storage, name))
+
+
+def _row(member: Member, offset: int, name: str, image: GeneratedImage, device: Device) -> SampleImage:
+    request = member.request
+    return SampleImage(
+        persona_id=request.persona_id,
+        request=request,
+        assignment=member.assignment,
+        index=member.assignment.first_index + offset,
+        image=name,
+        seed=image.seed,
+        prompt=request.persona.appearance_prompt,
+        negative_prompt=request.persona.negative_prompt,
+        width=image.width,
+        height=image.height,
+        model=request.model,
+        steps=request.steps,
+        device=device,
+    )
 
 
 def _remove(storage: Storage, names: list[str]) -> None:
@@ -109,25 +150,116 @@ def _remove(storage: Storage, names: list[str]) -> None:
             log.error("could not remove %s, left for the orphan sweep: %s", name, exc)
 
 
-def _commit_rows(
-    *, assignment_id: int, rows: list[SampleImage], calls: int, peak_memory: int | None, note: str
-) -> bool:
+@dataclass(frozen=True)
+class _Call:
+    """What every attempt of one pipeline call records about it."""
+
+    calls: int
+    peak_memory: int | None
+    note: str = ""
+    pipeline_call_id: int | None = None
+
+
+def _commit_rows(written: list[_Written], call: _Call) -> set[int]:
+    """One transaction for the call: each attempt's own conditional RUNNING -> SUCCEEDED claim, and
+    the rows of the attempts that won it. Returns the ids of those."""
     connection_ensure_usable()
+    won: set[int] = set()
     with transaction.atomic():
-        if not scheduler.assignment_succeed(
-            assignment_id=assignment_id, calls=calls, peak_memory=peak_memory, note=note
-        ):
-            return False
-        SampleImage.objects.bulk_create(rows)
-    return True
+        for item in written:
+            if scheduler.assignment_succeed(
+                assignment_id=item.assignment.pk,
+                calls=call.calls,
+                peak_memory=call.peak_memory,
+                note=call.note,
+                pipeline_call_id=call.pipeline_call_id,
+            ):
+                won.add(item.assignment.pk)
+        SampleImage.objects.bulk_create([row for item in written if item.assignment.pk in won for row in item.rows])
+    return won
 
 
-def _state_after_fault(assignment_id: int) -> str | None:
-    """How the attempt stands in the database, read on a new connection; raises a connection
-    error when the database stays unreachable for a lease (by then the reconciler decides)."""
+def _states_after_fault(assignment_ids: list[int]) -> dict[int, str]:
+    """How the attempts stand in the database, read on a new connection; raises a connection error
+    when the database stays unreachable for a lease (by then the reconciler decides)."""
     return read_with_reconnect(
-        lambda: scheduler.assignment_state(assignment_id=assignment_id), seconds=lease().total_seconds()
+        lambda: dict(Assignment.objects.filter(pk__in=assignment_ids).values_list("pk", "state")),
+        seconds=lease().total_seconds(),
     )
+
+
+def _commit_written(written: list[_Written], call: _Call, *, keep_on_error: bool = False) -> set[int]:
+    """Commit attempts whose files are written, in one transaction; returns the ids of those the
+    database has (also when a COMMIT's reply was lost but the COMMIT was applied). The files of the
+    attempts that had lost their leases are removed.
+
+    A fault is raised once the database has said that none of them succeeded, their files removed;
+    with `keep_on_error` an error of the statements themselves (a constraint, a timeout) leaves the
+    files, for the caller to commit the attempts again one by one.
+    """
+    ids = [item.assignment.pk for item in written]
+    for attempt in range(1, COMMIT_TRIES + 1):
+        try:
+            won = _commit_rows(written, call)
+            break
+        except BaseException as exc:
+            try:
+                states = _states_after_fault(ids)
+            except CONNECTION_ERRORS:
+                # Unknown outcome: leave the files. If the attempts never committed, the
+                # reconciler abandons them once their leases run out and removes them then.
+                log.error(
+                    "assignments %s: the database does not answer after a failed commit (%s); their files stay "
+                    "until the database says how the attempts ended",
+                    ids,
+                    exc,
+                )
+                raise exc from None
+            # One transaction: an attempt of it that succeeded means the COMMIT was applied.
+            won = {pk for pk in ids if states.get(pk) == AssignmentState.SUCCEEDED}
+            if won:
+                log.warning(
+                    "assignments %s: the commit raised %s after the database had applied it: their images are kept",
+                    sorted(won),
+                    type(exc).__name__,
+                )
+                if not isinstance(exc, Exception):
+                    _drop_losers(written, won)
+                    raise  # a stop request: the images are safe, let it through
+                break
+            retryable = isinstance(exc, CONNECTION_ERRORS) and AssignmentState.RUNNING in states.values()
+            if retryable and attempt < COMMIT_TRIES:
+                log.warning("assignments %s: commit failed (%s); committing again on a new connection", ids, exc)
+                time.sleep(min(0.5 * attempt, 2.0))
+                continue
+            # Definitely not committed: the transaction is gone.
+            if not (keep_on_error and isinstance(exc, Exception) and not isinstance(exc, CONNECTION_ERRORS)):
+                for item in written:
+                    _remove(samples_storage(), item.names)
+            raise
+    _drop_losers(written, won)
+    winners = [item for item in written if item.assignment.pk in won]
+    sample_requests_refresh(
+        request_ids={item.request.pk for item in winners},
+        # A winner that makes every image of its request (a request of one chunk) completes it.
+        complete={item.request.pk for item in winners if _covers(item.assignment, item.request)},
+    )
+    return won
+
+
+def _covers(attempt: Assignment, request: SampleRequest) -> bool:
+    return attempt.first_index == 0 and attempt.image_count >= request.count
+
+
+def _drop_losers(written: list[_Written], won: set[int]) -> None:
+    for item in written:
+        if item.assignment.pk not in won:
+            log.warning(
+                "job %s lost its lease before committing: its %d images are dropped",
+                item.assignment.job_id,
+                len(item.rows),
+            )
+            _remove(samples_storage(), item.names)
 
 
 def sample_images_commit(
@@ -139,6 +271,7 @@ def sample_images_commit(
     calls: int,
     peak_memory: int | None,
     note: str = "",
+    pipeline_call_id: int | None = None,
 ) -> bool:
     """Store an attempt's images, if and only if the attempt still holds its lease.
 
@@ -147,71 +280,22 @@ def sample_images_commit(
     when the media store refused a file (nothing written stays), and re-raises any other fault
     once the database has said whether the attempt succeeded.
     """
-    written = _write_files(assignment=assignment, request=request, images=images, device=device)
-    for attempt in range(1, COMMIT_TRIES + 1):
-        try:
-            committed = _commit_rows(
-                assignment_id=assignment.pk, rows=written.rows, calls=calls, peak_memory=peak_memory, note=note
-            )
-            if committed:
-                break
-            # The claim matched no row: read why (a COMMIT of ours whose reply was lost has
-            # made the row SUCCEEDED, and then the files are the committed ones).
-            state = scheduler.assignment_state(assignment_id=assignment.pk)
-        except BaseException as exc:
-            try:
-                state = _state_after_fault(assignment.pk)
-            except CONNECTION_ERRORS:
-                # Unknown outcome: leave the files. If the attempt never committed, the
-                # reconciler abandons it once its lease runs out and removes them then.
-                log.error(
-                    "assignment %s: the database does not answer after a failed commit (%s); its files stay "
-                    "until the database says how the attempt ended",
-                    assignment.pk,
-                    exc,
-                )
-                raise exc from None
-            if state == AssignmentState.SUCCEEDED:
-                log.warning(
-                    "assignment %s: the commit raised %s after the database had applied it: the %d images are kept",
-                    assignment.pk,
-                    type(exc).__name__,
-                    len(written.rows),
-                )
-                if not isinstance(exc, Exception):
-                    raise  # a stop request: the images are safe, let it through
-                break
-            retryable = isinstance(exc, CONNECTION_ERRORS) and state == AssignmentState.RUNNING
-            if retryable and attempt < COMMIT_TRIES:
-                log.warning(
-                    "assignment %s: commit failed (%s); committing again on a new connection", assignment.pk, exc
-                )
-                time.sleep(min(0.5 * attempt, 2.0))
-                continue
-            # Definitely not committed: this attempt's transaction is gone.
-            _remove(samples_storage(), written.names)
-            raise
-        if state == AssignmentState.SUCCEEDED:
-            break
-        log.warning(
-            "job %s lost its lease before committing (%s): its %d images are dropped",
-            assignment.job_id,
-            state,
-            len(written.rows),
-        )
-        _remove(samples_storage(), written.names)
-        return False
-    sample_request_refresh(request_id=request.pk)
-    return True
+    written, fault = _write_files([(Member(assignment, request), images)], device=device)
+    if fault is not None:
+        raise fault
+    call = _Call(calls=calls, peak_memory=peak_memory, note=note, pipeline_call_id=pipeline_call_id)
+    return assignment.pk in _commit_written(written, call)
 
 
 def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict[str, object]:
-    """Run one attempt in this worker: claim it, make its images in one call, commit them once.
+    """Run one attempt in this worker, with the queued attempts of other requests that can share its
+    pipeline call (personas/batch.py): claim them, make their images in one call, commit them once.
 
     Safe to run twice: a second delivery finds the attempt already claimed and does nothing.
     """
     config = samples_config()
-    assignment = scheduler.assignment_claim(
+    begun = time.monotonic()
+    assignment = batching.attempt_claim(
         assignment_id=assignment_id,
         device=context.device,
         worker_name=context.name,
@@ -222,63 +306,139 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
         log.info("assignment %s is no longer queued (taken, cancelled or replaced): skipping", assignment_id)
         return {"assignment": assignment_id, "skipped": True}
     request = SampleRequest.objects.select_related("persona").get(pk=assignment.request_id)
-    sample_request_mark_started(request_id=request.pk)
-    seeds = [request.seed_for(i) for i in assignment.indexes]
     with context.running(assignment):
+        members = batch_gather(first=assignment, request=request, context=context)
         started = time.monotonic()
         try:
-            result = context.generator.generate(
-                model=request.model,
-                prompt=request.persona.appearance_prompt,
-                negative_prompt=request.persona.negative_prompt,
-                seeds=seeds,
-                steps=request.steps,
-                guidance=float(config["GUIDANCE"]),
-                alive=context.alive,
-            )
+            result = batch_generate(members, context=context, guidance=float(config["GUIDANCE"]))
         except AttemptLost:
             return {"assignment": assignment_id, "abandoned": True}
         except Exception as exc:
             # Timeouts (rq's JobTimeoutException), out-of-memory at one image per call, model
             # errors: record, free the device's memory and let another attempt try.
             context.generator.free_memory()
-            _fail(assignment_id, context, exc)
+            for member in members:
+                _fail(member.assignment.pk, context, exc)
             raise
         generated = time.monotonic()
-        try:
-            committed = sample_images_commit(
-                assignment=assignment,
-                request=request,
-                images=result.images,
-                device=context.device,
-                calls=result.calls,
-                peak_memory=result.peak_memory,
-                note="\n".join(result.notes),
-            )
-        except StorageFault as exc:
-            _storage_fault(assignment_id, context, exc)
-            return {"assignment": assignment_id, "storage_error": str(exc)}
-        except CONNECTION_ERRORS:
-            raise  # the database is gone: the reconciler decides once the lease runs out
-        except Exception as exc:
-            _fail(assignment_id, context, exc)  # definitely not committed (a constraint, a timeout)
-            raise
+        call_id = record_calls(context=context, model=request.model, steps=request.steps, timings=result.timings)
+        outcome = _commit_members(members, result=result, context=context, pipeline_call_id=call_id)
+        ended = time.monotonic()
+        context.overhead_observe((ended - begun) - (generated - started))
         log.info(
-            "assignment %s: %d images in %d call(s) on %s: generate %.2f s, commit %.2f s",
+            "assignment %s: %d images of %d attempt(s) in %d call(s) on %s: generate %.2f s, commit %.2f s",
             assignment_id,
             len(result.images),
+            len(members),
             result.calls,
             context.device.label,
             generated - started,
-            time.monotonic() - generated,
+            ended - generated,
         )
-    return {
+    if outcome.error is not None:
+        raise outcome.error
+    report: dict[str, object] = {
         "assignment": assignment_id,
-        "committed": committed,
+        "committed": outcome.committed.get(assignment_id, False),
         "images": len(result.images),
         "calls": result.calls,
         "device": context.device.uuid,
+        "batch": [member.assignment.pk for member in members],
     }
+    if outcome.storage_fault is not None:
+        report["storage_error"] = str(outcome.storage_fault)
+    return report
+
+
+@dataclass
+class _Outcome:
+    committed: dict[int, bool] = field(default_factory=dict)
+    storage_fault: StorageFault | None = None
+    error: Exception | None = None
+
+
+def _commit_members(
+    members: list[Member], *, result: GenerationResult, context: WorkerContext, pipeline_call_id: int | None
+) -> _Outcome:
+    """Store the call's images, then commit its attempts in one transaction in which each makes its
+    own conditional claim: one that lost its lease is dropped and the others commit. After a storage
+    fault the attempts whose files were all written commit and the others go back to waiting; when
+    the transaction fails for good the attempts are committed one by one, so an error fails its
+    attempt alone (and is raised at the end)."""
+    outcome = _Outcome()
+    call = _Call(
+        calls=result.calls,
+        peak_memory=result.peak_memory,
+        note="\n".join(result.notes),
+        pipeline_call_id=pipeline_call_id,
+    )
+    images = iter(result.images)
+    pending: list[tuple[Member, list[GeneratedImage]]] = []
+    for member in members:
+        mine = [next(images) for _ in range(member.assignment.image_count)]
+        if context.is_lost(member.assignment.pk):
+            log.warning("assignment %s lost its lease during the call: its images are dropped", member.assignment.pk)
+            outcome.committed[member.assignment.pk] = False
+        else:
+            pending.append((member, mine))
+    try:
+        try:
+            written, fault = _write_files(pending, device=context.device)
+        except Exception as exc:
+            for member, _ in pending:
+                _fail(member.assignment.pk, context, exc)  # nothing of the call was committed
+            outcome.error = exc
+            return outcome
+        if fault is not None:
+            outcome.storage_fault = fault
+            for member, _ in pending[len(written) :]:
+                _storage_fault(member.assignment.pk, context, fault)
+                context.settle(member.assignment.pk)
+        if written:
+            _commit_call(written, call, context=context, outcome=outcome)
+    finally:
+        for member in members:
+            context.settle(member.assignment.pk)
+    return outcome
+
+
+def _commit_call(written: list[_Written], call: _Call, *, context: WorkerContext, outcome: _Outcome) -> None:
+    try:
+        won = _commit_written(written, call, keep_on_error=len(written) > 1)
+    except CONNECTION_ERRORS:
+        raise  # the database is gone: the reconciler decides once the leases run out
+    except Exception as exc:
+        if len(written) == 1:
+            _fail(written[0].assignment.pk, context, exc)  # definitely not committed (a constraint, a timeout)
+            outcome.error = outcome.error or exc
+            return
+        log.warning("the commit of %d attempts failed (%s): committing them one by one", len(written), exc)
+        won = set()
+        for item in written:
+            try:
+                won |= _commit_written([item], call)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as one:
+                _fail(item.assignment.pk, context, one)
+                outcome.error = outcome.error or one
+                continue
+            outcome.committed[item.assignment.pk] = item.assignment.pk in won
+        return
+    for item in written:
+        outcome.committed[item.assignment.pk] = item.assignment.pk in won
+
+
+def record_calls(*, context: WorkerContext, model: str, steps: int, timings: list[Timing]) -> int | None:
+    """Record the timed pipeline calls of an attempt (its device's cost curve learns from them);
+    returns the last call's id. A failure here is logged and costs nothing but the sample."""
+    call_id = None
+    try:
+        for timing in timings:
+            call_id = costs.call_record(device=context.device, model=model, steps=steps, timing=timing).pk
+    except DatabaseError:
+        log.exception("could not record a pipeline call's timing on %s", context.device.label)
+    return call_id
 
 
 def _fail(assignment_id: int, context: WorkerContext, exc: BaseException) -> None:
@@ -292,6 +452,7 @@ def _storage_fault(assignment_id: int, context: WorkerContext, exc: StorageFault
     media store out of service until a reading shows it writable again."""
     error = f"media store: {exc}"
     store_report_error(host=context.host, error=error)
+    context.admission_expire()  # no more work on this host's store until a probe says it is back
     requeued = scheduler.assignment_requeue(assignment_id=assignment_id, error=error)
     log.error(
         "assignment %s on %s: %s; %s",

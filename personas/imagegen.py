@@ -11,7 +11,14 @@ SAMPLES_MODEL values:
 - a local diffusers directory (loaded with local_files_only=True);
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network access);
 - ``simulated:SECONDS``: no diffusion; each image takes SECONDS / device speed and is a
-  deterministic placeholder PNG drawn from its seed (for scheduling tests and benchmarks).
+  deterministic placeholder PNG drawn from its seed (for scheduling tests and benchmarks);
+- ``simulated-h100:SECONDS``: the same, but a call's time follows the H100's measured curve
+  (shared/notes/gpu-measurements.md): a call of 1 image takes SECONDS / speed, calls of 4, 8 and
+  16 take 1.02x, 1.20x and 2.32x that, with a few percent of noise (for the batching work).
+
+Every pipeline call is timed (the call alone, not loading the model or encoding the PNGs) and
+returned in GenerationResult.timings; the worker records them and the scheduler learns each
+device's cost curve from them (gpuscheduler/costs.py). A simulated device's speed stays here.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import fcntl
 import gc
 import hashlib
 import io
+import itertools
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -33,6 +42,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from django.conf import settings
+
+from gpuscheduler.curves import Timing
+from personas import compiled
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,29 @@ class ModelSpec:
     kind: str  # "tiny", "local", "hub" or "simulated"
     value: str
     seconds: float = 0.0
+    curve: str = "linear"  # simulated models: "linear" (simulated:) or "h100" (simulated-h100:)
+
+
+# The H100's measured call times relative to a call of one image (1.23 s for 1 image, 1.26 s for
+# 4, 1.48 s for 8, 2.85 s for 16), interpolated between sizes and extended along the last slope.
+H100_CALL_CURVE = ((1, 1.0), (4, 1.26 / 1.23), (8, 1.48 / 1.23), (16, 2.85 / 1.23))
+# The simulated-h100 model's noise: each call's time is scaled by a factor drawn uniformly from 1 ± this.
+H100_NOISE = 0.03
+
+
+def h100_call_factor(images: int) -> float:
+    """How much longer a call of `images` takes than a call of one on the H100 curve."""
+    points = H100_CALL_CURVE
+    if images <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if images <= x1:
+            return y0 + (y1 - y0) * (images - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + (y1 - y0) / (x1 - x0) * (images - x1)
+
+
+SIMULATED_PREFIXES = {"simulated:": "linear", "simulated-h100:": "h100"}
 
 
 def parse_model(text: str) -> ModelSpec:
@@ -69,14 +104,17 @@ def parse_model(text: str) -> ModelSpec:
         raise ModelError("SAMPLES_MODEL is empty: use 'tiny', a local diffusers directory or a hub id.")
     if text == "tiny":
         return ModelSpec("tiny", text)
-    if text.startswith("simulated:"):
-        try:
-            seconds = float(text.split(":", 1)[1])
-        except ValueError:
-            seconds = -1
-        if not 0 <= seconds <= 3600:
-            raise ModelError(f"SAMPLES_MODEL={text!r}: the seconds after 'simulated:' must be a number from 0 to 3600.")
-        return ModelSpec("simulated", text, seconds)
+    for prefix, curve in SIMULATED_PREFIXES.items():
+        if text.startswith(prefix):
+            try:
+                seconds = float(text.split(":", 1)[1]) if text.isascii() else -1
+            except ValueError:
+                seconds = -1
+            if not 0 <= seconds <= 3600:
+                raise ModelError(
+                    f"SAMPLES_MODEL={text!r}: the seconds after {prefix!r} must be a number from 0 to 3600."
+                )
+            return ModelSpec("simulated", text, seconds, curve)
     path = Path(text).expanduser()
     if path.is_absolute() or text.startswith("."):
         if not (path / "model_index.json").is_file():
@@ -90,8 +128,8 @@ def parse_model(text: str) -> ModelSpec:
     ):
         return ModelSpec("hub", text)
     raise ModelError(
-        f"SAMPLES_MODEL={text!r} is neither 'tiny', 'simulated:SECONDS', an absolute path to a diffusers "
-        "directory nor a hub id like 'owner/model'."
+        f"SAMPLES_MODEL={text!r} is neither 'tiny', 'simulated:SECONDS', 'simulated-h100:SECONDS', an absolute "
+        "path to a diffusers directory nor a hub id like 'owner/model'."
     )
 
 
@@ -109,6 +147,17 @@ class GenerationResult:
     calls: int = 0
     peak_memory: int | None = None
     notes: list[str] = field(default_factory=list)
+    timings: list[Timing] = field(default_factory=list)  # one per pipeline call, in order
+    encode_seconds: float = 0.0  # PNG encoding inside the last call, left out of its timing
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one image of a call is made from: a call may mix images of several requests."""
+
+    seed: int
+    prompt: str
+    negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,29 +186,38 @@ class Generator:
         self,
         *,
         model: str,
-        prompt: str,
-        negative_prompt: str,
-        seeds: Sequence[int],
         steps: int,
         guidance: float,
+        prompt: str = "",
+        negative_prompt: str = "",
+        seeds: Sequence[int] = (),
+        items: Sequence[Prompt] | None = None,
         alive: Callable[[], bool] = lambda: True,
     ) -> GenerationResult:
-        """Make one image per seed, in as few pipeline calls as memory allows (normally one)."""
+        """Make one image per seed (all from `prompt`), or one per item of `items` (each with its own
+        prompt, negative prompt and seed: images of several requests batched into one call), in as
+        few pipeline calls as memory allows (normally one). Every call is timed."""
         spec = parse_model(model)
         result = GenerationResult(images=[])
-        limit = len(seeds)
-        pending = list(seeds)
+        pending = list(items) if items is not None else [Prompt(int(s), prompt, negative_prompt) for s in seeds]
+        limit = len(pending)
         while pending:
             batch = pending[:limit]
             try:
                 with self._device_busy(len(batch)):
                     self._apply_faults(len(batch), spec)
+                    started = time.perf_counter()
                     if spec.kind == "simulated":
                         images = self._simulated_call(spec, batch, alive)
+                    elif compiled.compile_enabled():
+                        # A compiled UNet runs fixed shapes: pad the call to its bucket, drop the extras.
+                        size = compiled.bucket_for(len(batch), compiled.buckets())
+                        full = compiled.padded(batch, size)
+                        images = self._pipeline_call(spec, full, steps, guidance, alive, result)[: len(batch)]
                     else:
-                        images = self._pipeline_call(
-                            spec, prompt, negative_prompt, batch, steps, guidance, alive, result
-                        )
+                        images = self._pipeline_call(spec, batch, steps, guidance, alive, result)
+                    seconds = time.perf_counter() - started - result.encode_seconds
+                    result.encode_seconds = 0.0
             except OutOfMemory as exc:
                 self.free_memory()
                 if limit == 1:
@@ -171,6 +229,15 @@ class Generator:
                 continue
             result.calls += 1
             result.images.extend(images)
+            first = images[0] if images else None
+            result.timings.append(
+                Timing(
+                    images=len(batch),
+                    seconds=max(0.0, seconds),
+                    width=first.width if first else 0,
+                    height=first.height if first else 0,
+                )
+            )
             pending = pending[len(batch) :]
         return result
 
@@ -183,17 +250,25 @@ class Generator:
             time.sleep(float(simulated.faults(self.target.uuid).get("load_seconds", 0)))
         if spec.kind != "simulated":
             self.pipeline(spec)
+            if compiled.compile_enabled():
+                # Compile each call-size bucket now, not in a request's first call of that size.
+                for size in compiled.buckets():
+                    started = time.monotonic()
+                    self.generate(model=model, steps=2, guidance=1.0, prompt="warm-up", seeds=list(range(size)))
+                    log.info("compiled for calls of %d in %.1f s", size, time.monotonic() - started)
 
     # --- simulated model ------------------------------------------------------------------
 
-    def _simulated_call(self, spec: ModelSpec, seeds: Sequence[int], alive: Callable[[], bool]) -> list[GeneratedImage]:
-        seconds = spec.seconds * len(seeds) / max(self.target.speed, 0.01)
+    def _simulated_call(
+        self, spec: ModelSpec, batch: Sequence[Prompt], alive: Callable[[], bool]
+    ) -> list[GeneratedImage]:
+        seconds = simulated_call_seconds(spec, len(batch), self.target.speed)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.2))
             if not alive():
                 raise AttemptLost("the attempt was abandoned while it ran")
-        return [placeholder_image(seed) for seed in seeds]
+        return [placeholder_image(item.seed) for item in batch]
 
     # --- diffusers --------------------------------------------------------------------------
 
@@ -201,7 +276,8 @@ class Generator:
         key = spec.value
         if key not in self._pipelines:
             started = time.monotonic()
-            self._pipelines[key] = load_pipeline(spec, self.target.torch_device)
+            pipe = load_pipeline(spec, self.target.torch_device)
+            self._pipelines[key] = compiled.compile_unet(pipe) if compiled.compile_enabled() else pipe
             self.loads += 1
             log.info("loaded %s on %s in %.2f s", key, self.target.torch_device, time.monotonic() - started)
             if self.target.kind == "simulated":
@@ -213,9 +289,7 @@ class Generator:
     def _pipeline_call(
         self,
         spec: ModelSpec,
-        prompt: str,
-        negative_prompt: str,
-        seeds: Sequence[int],
+        batch: Sequence[Prompt],
         steps: int,
         guidance: float,
         alive: Callable[[], bool],
@@ -225,8 +299,20 @@ class Generator:
 
         pipe = self.pipeline(spec)
         device = self.target.torch_device
-        # One generator per image: every image has its own recorded, reproducible seed.
+        seeds = [item.seed for item in batch]
+        # One generator per image: every image has its own recorded, reproducible seed, whatever
+        # call it is made in.
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+        if len({(item.prompt, item.negative_prompt) for item in batch}) == 1:
+            prompts: Any = batch[0].prompt
+            negatives: Any = batch[0].negative_prompt or None
+            per_prompt = len(batch)
+        else:
+            # Images of several requests: a prompt and a negative prompt per image ("" is what
+            # diffusers uses for a missing negative prompt anyway).
+            prompts = [item.prompt for item in batch]
+            negatives = [item.negative_prompt for item in batch]
+            per_prompt = 1
 
         def on_step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if not alive():
@@ -238,9 +324,9 @@ class Generator:
         try:
             with torch.inference_mode():
                 output = pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt or None,
-                    num_images_per_prompt=len(seeds),
+                    prompt=prompts,
+                    negative_prompt=negatives,
+                    num_images_per_prompt=per_prompt,
                     generator=generators,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
@@ -250,9 +336,13 @@ class Generator:
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(str(exc).splitlines()[0]) from exc
         if device == "cuda":
+            torch.cuda.synchronize()
             peak = int(torch.cuda.max_memory_allocated())
             result.peak_memory = max(result.peak_memory or 0, peak)
-        return encode_all(output.images, seeds)
+        encoding = time.perf_counter()
+        images = encode_all(output.images, seeds)
+        result.encode_seconds = time.perf_counter() - encoding
+        return images
 
     def free_memory(self) -> None:
         """Give back what a failed call held, keeping the loaded pipelines."""
@@ -324,6 +414,20 @@ def encode_all(images: Sequence[Any], seeds: Sequence[int]) -> list[GeneratedIma
     if _encoder_pool is None:
         _encoder_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
     return list(_encoder_pool.map(_encode, images, seeds))
+
+
+def simulated_call_seconds(spec: ModelSpec, images: int, speed: float) -> float:
+    """How long a simulated call of `images` takes on a device of `speed` (the truth the scheduler
+    must learn: it never reads it)."""
+    one = spec.seconds / max(speed, 0.01)
+    if spec.curve != "h100":
+        return one * images
+    noise = 1.0 + _noise.uniform(-H100_NOISE, H100_NOISE)
+    return one * h100_call_factor(images) * noise
+
+
+# The simulated-h100 model's noise, seeded so a benchmark's runs are alike.
+_noise = random.Random(1234)
 
 
 def placeholder_image(seed: int, size: int = 64) -> GeneratedImage:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.db.models.functions import Coalesce
 
 from config.storage import PART_SUFFIX, samples_storage, storage_errors
 from gpuscheduler import assignments as scheduler
@@ -115,7 +117,12 @@ def sample_request_submit(
             raise RequestAlreadyActive(active) from None
         Persona.objects.filter(pk=locked.pk).update(images_requested=F("images_requested") + count)
         assignments = scheduler.assignments_place(
-            request_id=request.pk, count=count, pinned_device=device, require_worker=require_worker
+            request_id=request.pk,
+            count=count,
+            pinned_device=device,
+            require_worker=require_worker,
+            model=request.model,
+            steps=request.steps,
         )
         submitted = Submitted(request=request, assignments=assignments)
         labels = Device.objects.in_bulk([a.planned_device_id for a in assignments])
@@ -132,32 +139,61 @@ def sample_request_submit(
 
 def sample_request_refresh(*, request_id: int) -> SampleRequest | None:
     """Derive a request's state from its chunks' latest attempts."""
-    request = SampleRequest.objects.filter(pk=request_id).first()
-    if request is None or not request.is_active:
-        return request
-    attempts = list(request.assignments.order_by("first_index", "-attempt").values("first_index", "state", "error"))
-    latest: dict[int, dict[str, Any]] = {}
-    for row in attempts:
-        latest.setdefault(row["first_index"], dict(row))
-    states = [row["state"] for row in latest.values()]
+    sample_requests_refresh(request_ids=[request_id])
+    return SampleRequest.objects.filter(pk=request_id).first()
+
+
+def sample_requests_refresh(*, request_ids: Iterable[int], complete: Iterable[int] = ()) -> None:
+    """Derive each request's state from its chunks' latest attempts: three queries for any number of
+    requests of the same outcome (a worker refreshes every request of a batched call at once).
+
+    `complete`: requests among them that an attempt covering every image has just committed (a
+    request of one chunk, the most common kind): SUCCEEDED, without reading their chunks.
+    """
+    done = set(complete)
+    if done:
+        now = DbNow()
+        SampleRequest.objects.filter(pk__in=done, state__in=ACTIVE_REQUEST_STATES).update(
+            state=RequestState.SUCCEEDED, finished_at=now, error="", started_at=Coalesce("started_at", now)
+        )
+    pending = set(request_ids) - done
+    if not pending:
+        return
+    requests = [r for r in SampleRequest.objects.filter(pk__in=pending) if r.is_active]
+    if not requests:
+        return
+    latest: dict[int, dict[int, dict[str, Any]]] = {r.pk: {} for r in requests}
+    attempts: Counter[int] = Counter()
+    rows = Assignment.objects.filter(request_id__in=list(latest)).order_by("request_id", "first_index", "-attempt")
+    for row in rows.values("request_id", "first_index", "state", "error"):
+        latest[row["request_id"]].setdefault(row["first_index"], dict(row))
+        attempts[row["request_id"]] += 1
+    # Requests that move alike (most often: each to SUCCEEDED) are written by one conditional UPDATE.
+    moves: dict[tuple[str, str, bool, bool, str], list[int]] = {}
+    for request in requests:
+        chunks = latest[request.pk]
+        states = [row["state"] for row in chunks.values()]
+        if any(s in LIVE_STATES for s in states):
+            started = any(s != AssignmentState.QUEUED for s in states) or attempts[request.pk] > len(chunks)
+            new: str = RequestState.RUNNING if started else RequestState.QUEUED
+            finished, error = False, ""
+            start = new == RequestState.RUNNING and request.started_at is None
+        else:
+            failed = [row for row in chunks.values() if row["state"] != AssignmentState.SUCCEEDED]
+            new, finished = (RequestState.FAILED if failed or not states else RequestState.SUCCEEDED), True
+            error = "; ".join(f"images from {r['first_index']}: {r['error'][:200]}" for r in failed)
+            error = error or ("no images were placed" if not states else "")
+            start = request.started_at is None
+        if new != request.state or finished or start:
+            moves.setdefault((request.state, new, start, finished, error), []).append(request.pk)
     now = DbNow()  # the database's time, as every start and end of the cluster's work
-    if any(s in LIVE_STATES for s in states):
-        started = any(s != AssignmentState.QUEUED for s in states) or len(attempts) > len(latest)
-        new = RequestState.RUNNING if started else RequestState.QUEUED
+    for (old, new, start, finished, error), pks in moves.items():
         changes: dict[str, object] = {"state": new}
-        if new == RequestState.RUNNING and request.started_at is None:
+        if start:
             changes["started_at"] = now
-    else:
-        failed = [row for row in latest.values() if row["state"] != AssignmentState.SUCCEEDED]
-        new = RequestState.FAILED if failed or not states else RequestState.SUCCEEDED
-        error = "; ".join(f"images from {r['first_index']}: {r['error'][:200]}" for r in failed) if failed else ""
-        changes = {"state": new, "finished_at": now, "error": error or ("no images were placed" if not states else "")}
-        if request.started_at is None:
-            changes["started_at"] = now
-    if changes.get("state") != request.state or "finished_at" in changes or "started_at" in changes:
-        SampleRequest.objects.filter(pk=request.pk, state=request.state).update(**changes)
-    request.refresh_from_db()
-    return request
+        if finished:
+            changes.update(finished_at=now, error=error)
+        SampleRequest.objects.filter(pk__in=pks, state=old).update(**changes)
 
 
 def sample_request_cancel(*, request: SampleRequest) -> int:
@@ -186,7 +222,12 @@ def sample_request_cancel(*, request: SampleRequest) -> int:
 
 
 def sample_request_mark_started(*, request_id: int) -> None:
-    SampleRequest.objects.filter(pk=request_id, state=RequestState.QUEUED).update(
+    sample_requests_mark_started(request_ids=[request_id])
+
+
+def sample_requests_mark_started(*, request_ids: Iterable[int]) -> None:
+    """Mark the queued ones of these requests as running (one UPDATE for a whole batched call)."""
+    SampleRequest.objects.filter(pk__in=set(request_ids), state=RequestState.QUEUED).update(
         state=RequestState.RUNNING, started_at=DbNow()
     )
 

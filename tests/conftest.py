@@ -192,6 +192,11 @@ class Cluster:
             GPU_LEASE_SECONDS="3",
             GPU_HEARTBEAT_INTERVAL="0.5",
             GPU_MONITOR_INTERVAL="0.5",
+            # No calibration at worker start: fault tests flip a device's faults before its worker
+            # starts, and a hung or failing calibration would change what they test. Tests of
+            # learned costs ask for it (SAMPLES_CALIBRATION="1": a simulated device's time grows
+            # linearly with its images, so one size shows its slope).
+            SAMPLES_CALIBRATION="",
         )
 
     def configure(self, **env: str) -> None:
@@ -272,6 +277,20 @@ def persona(persona_factory: Callable[..., Persona]) -> Persona:
     return persona_factory(name="Ada Lovelace", slug="ada-lovelace")
 
 
+def learned_curve(device: Device, *, per_image: float, fixed: float = 0.0, knee: float = 1.0, calls: int = 10) -> None:
+    """Store a cost curve for `device` (default model and steps), as its worker's calls would have."""
+    from gpuscheduler.conf import samples_config
+    from gpuscheduler.models import CostCurve
+
+    config = samples_config()
+    CostCurve.objects.update_or_create(
+        device=device,
+        model=config["MODEL"],
+        steps=int(config["STEPS"]),
+        defaults={"fixed_seconds": fixed, "per_image_seconds": per_image, "knee": knee, "calls": calls, "sizes": 2},
+    )
+
+
 @pytest.fixture
 def device_factory(db: None, settings: Any) -> Callable[..., Device]:
     def make(
@@ -283,19 +302,22 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
         **fields: Any,
     ) -> Device:
         """A registered device, read a moment ago (so not stale); `worker=True` gives it a live
-        worker (one heartbeat, now)."""
+        worker (one heartbeat, now). `speed=S` gives it a learned cost curve of 1/S seconds per
+        image for the default model and steps, as if its worker had timed its calls."""
         from django.utils import timezone
 
         n = next(_counter)
+        speed = fields.pop("speed", None)
         info = DeviceInfo(
             uuid=fields.pop("uuid", f"SIM-test-{n:04d}"),
             name=name,
             kind=kind,
             index=fields.pop("index", n),
             memory_total=fields.pop("memory_total", 80 * 1024**3),
-            speed=fields.pop("speed", 1.0),
         )
         device = device_upsert(info=info, host=settings.GPUSCHEDULER["HOST"])
+        if speed is not None:
+            learned_curve(device, per_image=1.0 / speed)
         fields = {"last_seen": timezone.now(), **fields}
         if worker:
             fields = {

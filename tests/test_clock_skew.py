@@ -16,7 +16,8 @@ import pytest
 from django.conf import settings
 
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device
-from gpuscheduler.selectors import device_status, live_worker, worker_alive
+from gpuscheduler.page_reads import device_status
+from gpuscheduler.selectors import live_worker, worker_alive
 from gpuscheduler.simulated import describe
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit

@@ -56,7 +56,7 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
 def test_a_slow_gpu_leaves_the_next_call_of_a_busy_fast_gpu_to_it(cluster, persona_factory):
     # fast makes an image in 0.5 s, slow in 5 s: the second request's image, queued behind the
     # first request's 2-second call on fast, is done sooner by waiting than by slow stealing it.
-    cluster.configure(GPU_SIMULATED="fast,slow:0.1", SAMPLES_MODEL="simulated:0.5")
+    cluster.configure(GPU_SIMULATED="fast,slow:0.1", SAMPLES_MODEL="simulated:0.5", SAMPLES_CALIBRATION="1")
     cluster.start_workers(expect=2)
     fast = Device.objects.get(name="fast")
 
@@ -64,7 +64,7 @@ def test_a_slow_gpu_leaves_the_next_call_of_a_busy_fast_gpu_to_it(cluster, perso
     second = sample_request_submit(persona=persona_factory(), count=1).request
 
     planned = Assignment.objects.filter(request__in=[first, second]).values_list("planned_device", flat=True)
-    assert set(planned) == {fast.pk}, "placement counts speed: both requests go to fast"
+    assert set(planned) == {fast.pk}, "placement counts the learned speeds: both requests go to fast"
     for request in (first, second):
         wait_for(
             lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED,

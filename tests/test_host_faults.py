@@ -22,7 +22,7 @@ from gpuscheduler import queues, simulated, storage
 from gpuscheduler.assignments import NoDeviceAvailable
 from gpuscheduler.conf import stale_after
 from gpuscheduler.models import Assignment, AssignmentState, Device, MediaStore, WorkerState
-from gpuscheduler.selectors import device_status
+from gpuscheduler.page_reads import device_status
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
 from tests.processes import wait_for

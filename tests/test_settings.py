@@ -441,3 +441,48 @@ def test_the_check_is_registered_with_django(gpu):
 
     gpu(POLICY="nope")
     assert "gpuscheduler.E001" in [problem.id for problem in run_checks()]
+
+
+# --- learned costs and batching ------------------------------------------------------------------
+
+
+def test_call_sizes_are_parsed_sorted_and_deduplicated(env):
+    from config.env import env_call_sizes
+
+    assert env_call_sizes(VAR, [1, 4]) == [1, 4]
+    env(" 8, 1,4,4 ")
+    assert env_call_sizes(VAR, [1, 4]) == [1, 4, 8]
+    env("")
+    assert env_call_sizes(VAR, [1, 4]) == []
+
+
+@pytest.mark.parametrize("value", ["0", "1,x", "4,2000", "٤", "1.5", "-1"])
+def test_a_bad_call_size_names_the_variable_the_item_and_the_fix(env, value):
+    from config.env import env_call_sizes
+
+    env(value)
+    with pytest.raises(ImproperlyConfigured, match=rf"{VAR}=.*is not a call size; use whole numbers from 1 to 1024"):
+        env_call_sizes(VAR, [1, 4])
+
+
+def test_calibration_and_batch_wait_are_read_from_the_environment(tmp_path):
+    done = settings_in_a_fresh_process(
+        tmp_path,
+        "[s.SAMPLES['CALIBRATION'], s.SAMPLES['BATCH_WAIT_MS']]",
+        SAMPLES_CALIBRATION="2,1",
+        SAMPLES_BATCH_WAIT_MS="50",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[1, 2], 50]
+
+
+def test_a_bad_batch_wait_is_refused_at_start(tmp_path):
+    done = settings_in_a_fresh_process(tmp_path, "[s.SAMPLES['BATCH_WAIT_MS']]", SAMPLES_BATCH_WAIT_MS="soon")
+    assert done.returncode != 0
+    assert "SAMPLES_BATCH_WAIT_MS='soon' is not a whole number" in done.stderr
+
+
+def test_the_old_saturation_setting_is_reported_as_no_longer_read(monkeypatch):
+    monkeypatch.setenv("SAMPLES_GPU_SATURATION", "8")
+    (problem,) = [p for p in check_settings() if p.id == "gpuscheduler.W003"]
+    assert "no longer read" in problem.msg and "learned" in problem.msg

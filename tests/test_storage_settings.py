@@ -179,14 +179,14 @@ def test_s3_without_django_storages_installed_is_error_e001(settings, environ, m
 
 
 def test_a_file_is_written_under_a_temporary_name_and_appears_whole(monkeypatch):
-    real = config.storage._write_durably
+    real = config.storage._write_part
     seen: list[tuple[str, bool]] = []
 
     def write(path, chunks):
         seen.append((path.name, (path.parent / "r1-i0-a1.png").exists()))
         real(path, chunks)
 
-    monkeypatch.setattr(config.storage, "_write_durably", write)
+    monkeypatch.setattr(config.storage, "_write_part", write)
     name = samples_storage().save("samples/persona-1/r1-i0-a1.png", ContentFile(b"\x89PNG one"))
     assert seen == [("r1-i0-a1.png.part", False)], "nothing under the final name while it is written"
     assert name == "samples/persona-1/r1-i0-a1.png"
@@ -198,7 +198,7 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary_name(monkeypat
         path.write_bytes(b"\x89PNG half")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(config.storage, "_write_durably", disk_full)
+    monkeypatch.setattr(config.storage, "_write_part", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         samples_storage().save("samples/persona-1/r1-i0-a1.png", ContentFile(b"\x89PNG one"))
     assert stored_names() == []

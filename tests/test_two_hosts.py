@@ -15,7 +15,7 @@ from django.db import connection
 
 from config.storage import SAMPLES_ALIAS
 from gpuscheduler.models import Assignment, AssignmentState, Device
-from gpuscheduler.selectors import device_status
+from gpuscheduler.page_reads import device_status
 from personas.models import SampleImage
 from personas.services import sample_request_submit
 from tests.processes import skewed_clock, wait_for

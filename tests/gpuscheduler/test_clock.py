@@ -28,9 +28,10 @@ from gpuscheduler.assignments import (
 from gpuscheduler.backends import DeviceInfo, Reading
 from gpuscheduler.clock import DbNow, clock_text, db_now
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Health, MediaStore, Snapshot
+from gpuscheduler.page_reads import device_status
 from gpuscheduler.queues import enqueue_assignments
 from gpuscheduler.recovery import assignments_recover
-from gpuscheduler.selectors import device_stale, device_status, live_worker, worker_alive
+from gpuscheduler.selectors import device_stale, live_worker, worker_alive
 from gpuscheduler.services import (
     device_observe,
     device_probation_end,

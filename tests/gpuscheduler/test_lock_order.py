@@ -165,7 +165,7 @@ class ReadsInReverse:
 
     def __init__(self, devices: list[Device]) -> None:
         self.infos = [
-            DeviceInfo(uuid=d.uuid, name=d.name, kind=d.kind, index=d.index, memory_total=d.memory_total, speed=d.speed)
+            DeviceInfo(uuid=d.uuid, name=d.name, kind=d.kind, index=d.index, memory_total=d.memory_total)
             for d in devices
         ]
 
@@ -196,12 +196,14 @@ def test_a_monitor_tick_during_a_press_never_deadlocks(
     with connection.cursor() as cursor:
         cursor.execute("SELECT id FROM gpuscheduler_device ORDER BY ctid")
         assert [row[0] for row in cursor.fetchall()] == [last.pk, first.pk, middle.pk]
-    request = SampleRequest.objects.create(persona=persona_factory(), count=1, first_seed=0, model="m", steps=1)
+    request = SampleRequest.objects.create(persona=persona_factory(), count=2, first_seed=0, model="m", steps=1)
     backend = ReadsInReverse([first, middle, last])
 
     def press() -> list[Assignment]:
         with transaction.atomic():
-            return assignments_place(request_id=request.pk, count=1)
+            # Two images on three idle devices: one on the first, one on the middle (placement
+            # locks only the devices it chose, in pk order).
+            return assignments_place(request_id=request.pk, count=2)
 
     def tick() -> int:
         with connection.cursor() as cursor:
@@ -223,5 +225,5 @@ def test_a_monitor_tick_during_a_press_never_deadlocks(
 
     assert (placing.error, ticking.error) == (None, None)
     assert ticking.result == 3
-    assert len(placing.result) == 1
+    assert sorted(a.planned_device_id for a in placing.result) == [first.pk, middle.pk]
     assert Device.objects.filter(last_seen__isnull=False).count() == 3

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from gpuscheduler.curves import Curve
 from gpuscheduler.policies import (
     GIB,
     POLICIES,
@@ -25,8 +26,18 @@ from gpuscheduler.policies import (
 LIMITS = Limits(max_temperature=85.0, min_free_memory=2 * GIB)
 
 
+def curve(speed: float = 1.0, saturation: int = 8) -> Curve:
+    """A learned curve: a call of up to `saturation` images takes 1/speed seconds, and each image
+    above that 1/(saturation*speed) more (the H100's shape, made round)."""
+    return Curve(fixed=0.0, per_image=1.0 / (saturation * speed), knee=float(saturation), calls=10, sizes=3)
+
+
 def gpu(id: int, **fields: Any) -> DeviceView:
-    """An idle, healthy CUDA device with a live worker that saturates at 8 images per call."""
+    """An idle, healthy CUDA device with a live worker whose learned curve saturates at 8 images
+    per call (`speed` and `saturation` shape its curve)."""
+    shape = curve(fields.pop("speed", 1.0), fields.pop("saturation", 8))
+    fields.setdefault("curve", shape)
+    fields.setdefault("batch", shape.best_size(16))
     defaults: dict[str, Any] = {
         "label": f"GPU {id} H100",
         "kind": "cuda",
@@ -36,7 +47,6 @@ def gpu(id: int, **fields: Any) -> DeviceView:
         "memory_total": 80 * GIB,
         "utilization": 0.0,
         "temperature": 35.0,
-        "saturation": 8,
     }
     return DeviceView(id=id, **{**defaults, **fields})
 
@@ -135,7 +145,7 @@ def test_round_robin_ignores_load_and_says_whose_turn_it_is():
 
 
 def test_balanced_prefers_the_device_with_less_work_placed():
-    ranked = balanced([gpu(1, queued_images=3), gpu(2, running_images=1), gpu(3)])
+    ranked = balanced([linear(1, queued_images=3), linear(2, running_images=1), linear(3)])
     assert ids(ranked) == [3, 2, 1]
 
 

@@ -19,8 +19,9 @@ from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.backends import Reading
 from gpuscheduler.conf import stale_after
 from gpuscheduler.models import Assignment, Device, Health, WorkerState
+from gpuscheduler.page_reads import device_status
 from gpuscheduler.policies import age_text, stale_seconds
-from gpuscheduler.selectors import device_status, device_views, steal_sources
+from gpuscheduler.selectors import device_views, steal_sources
 from gpuscheduler.services import device_observe
 from personas.models import SampleRequest
 from personas.services import sample_request_submit

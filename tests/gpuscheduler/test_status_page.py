@@ -16,8 +16,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceKind, Snapshot, WorkerState
+from gpuscheduler.page_reads import snapshot_history
 from gpuscheduler.queues import device_queue_name
-from gpuscheduler.selectors import snapshot_history
 from gpuscheduler.services import snapshots_compact
 from gpuscheduler.status import Point, history_points, line_paths
 from personas.models import Persona, SampleRequest
@@ -522,3 +522,49 @@ def test_compaction_deletes_snapshots_past_retention_and_keeps_recent_ones(
     assert Snapshot.objects.filter(bucket_seconds=60).count() == 4
     assert Snapshot.objects.filter(bucket_seconds=0).count() == 5
     assert not Snapshot.objects.filter(taken_at__lt=now - timedelta(days=7)).exists()
+
+
+# --- learned costs and shared calls -------------------------------------------------------------
+
+
+def test_each_card_shows_the_learned_cost_curve_and_how_many_calls_it_rests_on(
+    operator_client: Any, device_factory: Callable[..., Device]
+) -> None:
+    from tests.conftest import learned_curve
+
+    learned, new = device_factory("H100"), device_factory("T4")
+    learned_curve(learned, fixed=0.11, per_image=0.17, knee=6.5, calls=40)
+
+    page = operator_client.get(reverse(PAGE)).content.decode()
+    data = operator_client.get(reverse(DATA)).json()
+
+    cards = {d["id"]: d for d in data["devices"]}
+    assert cards[learned.pk]["cost"]["text"] == (
+        "1.22 s a call up to 6.5 images, + 0.170 s per image above; best at 7 (rests on 40 calls)"
+    )
+    assert cards[learned.pk]["cost"]["best_size"] == 7
+    # A device nobody has timed borrows its peers' curve, and says so.
+    assert cards[new.pk]["cost"]["source"] == "peers"
+    assert "no calls of its own yet: borrowed from its peers" in cards[new.pk]["cost"]["text"]
+    assert "best at 7 (rests on 40 calls)" in page
+
+
+def test_the_history_shows_which_attempts_shared_a_pipeline_call(
+    operator_client: Any,
+    device_factory: Callable[..., Device],
+    assignment_factory: Callable[..., Assignment],
+    persona_factory: Callable[..., Persona],
+) -> None:
+    from gpuscheduler.models import PipelineCall
+
+    device = device_factory("H100")
+    call = PipelineCall.objects.create(device=device, model="tiny", steps=2, images=8, seconds=1.5)
+    together = [assignment_factory(persona_factory(), device, pipeline_call=call) for _ in range(2)]
+    alone = assignment_factory(persona_factory(), device)
+
+    rows = {a["id"]: a for a in operator_client.get(reverse(DATA)).json()["assignments"]}
+    assert [rows[a.pk]["call_shared_by"] for a in together] == [2, 2]
+    assert rows[together[0].pk]["pipeline_call"] == call.pk
+    assert rows[alone.pk]["pipeline_call"] is None
+    page = operator_client.get(reverse(PAGE)).content.decode()
+    assert page.count("shared by 2") == 2

@@ -215,6 +215,9 @@ def test_the_worker_takes_no_work_while_its_store_is_unhealthy_and_resumes_by_it
     worker = GpuWorker(WorkerContext(device=device, name="w", host=HOST, generator=None), connection=redis_db)
     assert worker.housekeeping() is True
     store_report_error(host=HOST, error="No space left on device: media/samples/persona-1/r1-0.png")
+    # Another worker of this host met the full disk: this one sees it once its admission is no
+    # longer fresh (ADMISSION_FRESH_SECONDS after its last reading; at once for a fault of its own).
+    worker.context.admission_expire()
     assert worker.housekeeping() is False
     assert worker.idle_state == WorkerState.PAUSED
     age_verdict()  # the next probe is due, and the disk has room again

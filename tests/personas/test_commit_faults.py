@@ -192,7 +192,7 @@ def test_a_connection_killed_during_the_call_does_not_throw_the_images_away(queu
 
 def disk_full_on_second_file(monkeypatch) -> list[str]:
     """The folder storage's write of the second file fills the disk halfway through."""
-    real = config.storage._write_durably
+    real = config.storage._write_part
     writes: list[str] = []
 
     def write(path: Path, chunks: Iterable[bytes]) -> None:
@@ -203,7 +203,7 @@ def disk_full_on_second_file(monkeypatch) -> list[str]:
             raise OSError(28, "No space left on device", str(path))
         real(path, [data])
 
-    monkeypatch.setattr(config.storage, "_write_durably", write)
+    monkeypatch.setattr(config.storage, "_write_part", write)
     return writes
 
 

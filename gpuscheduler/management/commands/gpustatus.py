@@ -7,8 +7,9 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from gpuscheduler.clock import db_now
 from gpuscheduler.cluster import host_status
+from gpuscheduler.page_reads import device_status
 from gpuscheduler.policies import age_text
-from gpuscheduler.selectors import device_status
+from gpuscheduler.status import cost_texts
 from gpuscheduler.storage import store_status
 
 GIB = 1024**3
@@ -30,6 +31,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, json: bool = False, **options: Any) -> None:
         now = db_now()  # one clock for every age shown: the database's
         rows = device_status(now)
+        costs = cost_texts([row["id"] for row in rows])
+        for row in rows:
+            row["cost"] = costs[row["id"]]
         stores = store_status(now)
         hosts = host_status(rows, stores, now)
         stores = [store for store in stores if any(store["host"] == host["host"] for host in hosts)]
@@ -70,6 +74,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{'':<18} why: {row['health_reason']}")
         if worker["missing_reason"]:
             self.stdout.write(f"{'':<18} worker missing: {worker['missing_reason']}")
+        self.stdout.write(f"{'':<18} cost: {row['cost']['text']}")
 
     def _stores(self, stores: list[dict[str, Any]]) -> None:
         for store in stores:
