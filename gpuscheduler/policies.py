@@ -199,54 +199,50 @@ def even_sizes(count: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def assign_sizes(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finish: bool) -> list[tuple[Ranked, int]]:
-    """Give each chunk a device: in rank order, or (`by_finish`) largest chunk first to the device
-    that would finish it soonest, counting its backlog by its learned curve, rank breaking ties."""
-    if not by_finish:
-        return [(ranked[i % len(ranked)], size) for i, size in enumerate(sizes)]
-    load = {r.device.id: r.device.backlog_seconds for r in ranked}
-    placed: list[tuple[Ranked, int]] = []
-    for size in sorted(sizes, reverse=True):
-        best = min(
-            enumerate(ranked), key=lambda item: (load[item[1].device.id] + call_cost(item[1].device, size), item[0])
-        )[1]
-        load[best.device.id] += call_cost(best.device, size)
-        placed.append((best, size))
-    return placed
+def assign_sizes(ranked: Sequence[Ranked], sizes: Sequence[int]) -> list[tuple[Ranked, int]]:
+    """Give each chunk a device in rank order (round robin and least memory keep their own order)."""
+    return [(ranked[i % len(ranked)], size) for i, size in enumerate(sizes)]
 
 
-def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int], *, by_finish: bool = False) -> float:
+def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int]) -> float:
     """When the last chunk would finish, placed as assign_sizes places them."""
     finish: dict[int, float] = {}
-    for choice, size in assign_sizes(ranked, sizes, by_finish=by_finish):
+    for choice, size in assign_sizes(ranked, sizes):
         device = choice.device
         start = finish.get(device.id, device.backlog_seconds)
         finish[device.id] = start + call_cost(device, size)
     return max(finish.values())
 
 
-def _fill(count: int, ranked: Sequence[Ranked], devices: int, max_batch: int) -> tuple[dict[int, int], float]:
-    """Give `count` images to at most `devices` of the ranked devices, each next image (or unit of
+@dataclass(frozen=True)
+class _Candidate:
+    """A device as water-filling sees it: its backlog in seconds (read once), curve and rank."""
+
+    id: int
+    backlog: float
+    curve: Curve
+    rank: int
+
+    def finish(self, images: int, max_batch: int) -> float:
+        return self.backlog + self.curve.work(images, max_batch)
+
+
+def _fill(count: int, candidates: Sequence[_Candidate], devices: int, max_batch: int) -> tuple[dict[int, int], float]:
+    """Give `count` images to at most `devices` of the candidates, each next image (or unit of
     images, for large requests) where it would finish soonest by the device's curve and backlog:
-    water-filling, so a device half as fast gets about half as many. Returns (images per device
-    id, estimated finish of the last one)."""
-
-    def finish(view: DeviceView, images: int) -> float:
-        return view.backlog_seconds + view.curve.work(images, max_batch)
-
+    water-filling, so a device half as fast gets about half as many. `candidates` come in the
+    order a new device is opened (by its finish for one unit, then rank), so only the first
+    `devices` can ever take images. Returns (images per device id, estimated finish of the last)."""
     unit = max(1, count // 256)
-    order = {r.device.id: i for i, r in enumerate(ranked)}
-    # A new device is always opened in the order of its finish for one unit, so only the first
-    # `devices` of that order can ever take images.
-    views = sorted((r.device for r in ranked), key=lambda v: (finish(v, unit), order[v.id]))[:devices]
+    views = candidates[:devices]
     given: dict[int, int] = {}
     left = count
     while left:
         take = min(unit, left)
-        best = min(views, key=lambda v: (finish(v, given.get(v.id, 0) + take), order[v.id]))
+        best = min(views, key=lambda v: (v.finish(given.get(v.id, 0) + take, max_batch), v.rank))
         given[best.id] = given.get(best.id, 0) + take
         left -= take
-    return given, max(finish(v, given[v.id]) for v in views if v.id in given)
+    return given, max(v.finish(given[v.id], max_batch) for v in views if v.id in given)
 
 
 def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_finish: bool = False) -> list[Chunk]:
@@ -276,22 +272,29 @@ def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_fini
     return _chunks(
         [
             (choice.device.id, choice.reason, size)
-            for choice, size in assign_sizes(ranked, even_sizes(count, best_parts), by_finish=False)
+            for choice, size in assign_sizes(ranked, even_sizes(count, best_parts))
         ]
     )
 
 
 def _plan_by_finish(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> list[Chunk]:
-    best, best_time = _fill(count, ranked, 1, max_batch)
+    unit = max(1, count // 256)
+    # Each device's backlog is worked out once, and the candidates sorted once, for every split tried.
+    candidates = sorted(
+        (_Candidate(r.device.id, r.device.backlog_seconds, r.device.curve, i) for i, r in enumerate(ranked)),
+        key=lambda c: (c.finish(unit, max_batch), c.rank),
+    )
+    best, best_time = _fill(count, candidates, 1, max_batch)
     for devices in range(2, min(count, len(ranked)) + 1):
-        given, finish = _fill(count, ranked, devices, max_batch)
+        given, finish = _fill(count, candidates, devices, max_batch)
         if finish < best_time * (1 - MIN_SPLIT_GAIN):
             best, best_time = given, finish
     reasons = {r.device.id: r.reason for r in ranked}
+    rank = {r.device.id: i for i, r in enumerate(ranked)}
     # In ranking order; more images on one device than one call takes become several even calls.
     pieces = [
         (device_id, reasons[device_id], size)
-        for device_id in sorted(best, key=list(reasons).index)
+        for device_id in sorted(best, key=rank.__getitem__)
         for size in even_sizes(best[device_id], math.ceil(best[device_id] / max_batch))
     ]
     return _chunks(pieces)
