@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement clean
+.PHONY: run test venv lint bench bench-status bench-soak bench-faults bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement bench-affinity bench-metrics clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,13 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy config gpuscheduler personas
 
 # Benchmarks (not tests): each prints a table and, where there is a baseline, the ratio.
-bench: bench-status bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement bench-soak bench-faults
+bench: bench-status bench-metrics bench-throughput bench-scheduling bench-learning bench-batching bench-overhead bench-placement bench-affinity bench-soak bench-faults
 
 bench-status: $(STAMP)
 	$(PY) bench/bench_status_page.py
+
+bench-metrics: $(STAMP)
+	$(PY) bench/bench_metrics.py
 
 bench-throughput: $(STAMP)
 	$(PY) bench/bench_throughput.py
@@ -46,6 +49,9 @@ bench-learning: $(STAMP)
 
 bench-batching: $(STAMP)
 	$(PY) bench/bench_batching.py
+
+bench-affinity: $(STAMP)
+	$(PY) bench/bench_affinity.py
 
 bench-overhead: $(STAMP)
 	$(PY) bench/bench_overhead.py

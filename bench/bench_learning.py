@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 from harness import Installation, table, wait_for
@@ -50,12 +51,44 @@ def burst(sizes: list[int], tag: str) -> dict[str, Any]:
     done = list(SampleRequest.objects.filter(pk__in=ids))
     last = max(r.finished_at for r in done if r.finished_at)
     first = min(r.created for r in done)
+    if TIMELINE:
+        print(f"  {tag}: {(last - first).total_seconds():.2f} s\n{timeline(ids, first)}", flush=True)
     return {
         "makespan": (last - first).total_seconds(),
         "wall": time.monotonic() - started,
         "made": SampleImage.objects.filter(request__in=ids).count(),
         "asked": sum(sizes),
     }
+
+
+def timeline(request_ids: list[int], origin: datetime) -> str:
+    """Each device's pipeline calls in one burst, in seconds from its first request: when the call's
+    first attempt was claimed, the call itself, when its attempts were committed, and its images
+    (chunks, of which stolen: planned on another device). Where a burst's tail comes from."""
+    from gpuscheduler.models import Assignment
+
+    attempts = Assignment.objects.filter(request__in=request_ids).select_related("pipeline_call", "device")
+    calls: dict[int | None, list[Assignment]] = {}
+    for attempt in attempts:
+        calls.setdefault(attempt.pipeline_call_id, []).append(attempt)
+    lines, rows = [], {}
+    for members in calls.values():
+        call, device = members[0].pipeline_call, members[0].device
+        claimed = min(a.started_at for a in members if a.started_at)
+        committed = max(a.finished_at for a in members if a.finished_at)
+        stolen = sum(1 for a in members if a.planned_device_id != a.device_id)
+        ended = (call.at - origin).total_seconds() if call else 0.0
+        text = (
+            f"{(claimed - origin).total_seconds():.2f} [{ended - (call.seconds if call else 0):.2f}-{ended:.2f}] "
+            f"{(committed - origin).total_seconds():.2f}: {sum(a.image_count for a in members)}/{len(members)}"
+            + (f"/{stolen} stolen" if stolen else "")
+        )
+        rows.setdefault(device.name if device else "?", []).append((claimed, text, committed))
+    for name in sorted(rows):
+        calls_of = sorted(rows[name], key=lambda row: row[0])
+        end = (calls_of[-1][2] - origin).total_seconds()
+        lines.append(f"    {name} (ends {end:.2f} s): " + "  ".join(text for _, text, _ in calls_of))
+    return "\n".join(lines)
 
 
 def calls_to_converge(device_id: int, truth_per_image: float) -> int | None:
@@ -145,18 +178,26 @@ def scaling(args: argparse.Namespace) -> None:
 
 
 INSTALLATION: Installation
+TIMELINE = False
 
 
 def main() -> None:
-    global INSTALLATION
+    global INSTALLATION, TIMELINE
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=0.3, help="seconds per image at speed 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale-requests", type=int, default=32)
     parser.add_argument("--only", choices=("mixed", "scaling"))
+    parser.add_argument("--keep", action="store_true", help="keep the installation's folder (database, logs)")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print each burst's calls per device: claimed [call] committed: images/chunks/stolen, in seconds",
+    )
     args = parser.parse_args()
     if args.seconds <= 0 or args.repeats < 1 or args.scale_requests < 1:
         parser.error("--seconds must be above 0, --repeats and --scale-requests at least 1")
+    TIMELINE = args.timeline
     if args.only is None:
         # One installation per process (Django reads its settings once): each part in its own.
         for part in ("mixed", "scaling"):
@@ -181,7 +222,7 @@ def main() -> None:
         else:
             scaling(args)
     finally:
-        INSTALLATION.close()
+        INSTALLATION.close(keep=args.keep)
 
 
 if __name__ == "__main__":

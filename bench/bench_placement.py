@@ -248,12 +248,11 @@ def fill() -> list[int]:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from gpuscheduler.conf import samples_config
     from gpuscheduler.models import Assignment, AssignmentState, CostCurve, Device, DeviceKind, Health
+    from gpuscheduler.workloads import default_key_and_steps
     from personas.models import Persona, RequestState, SampleRequest
 
     now = timezone.now()
-    config = samples_config()
     devices = Device.objects.bulk_create(
         Device(
             host="bench",
@@ -277,11 +276,12 @@ def fill() -> list[int]:
         )
         for i in range(DEVICES)
     )
+    model_key, model_steps = default_key_and_steps()  # the default model (made here from the settings)
     CostCurve.objects.bulk_create(
         CostCurve(
             device=d,
-            model=config["MODEL"],
-            steps=int(config["STEPS"]),
+            model=model_key,
+            steps=model_steps,
             fixed_seconds=CURVES[i % len(CURVES)][1],
             per_image_seconds=CURVES[i % len(CURVES)][2],
             knee=CURVES[i % len(CURVES)][3],
@@ -415,8 +415,17 @@ _first_index = itertools.count()
 
 def new_place(request_id: int, first_index: int) -> Any:
     from gpuscheduler.assignments import assignments_place
+    from gpuscheduler.workloads import default_key_and_steps
 
-    return assignments_place(request_id=request_id, count=IMAGES, first_index=first_index)
+    # As a press places: for the request's model and steps (read once; a press has them on its request).
+    global _model
+    if _model is None:
+        _model = default_key_and_steps()
+    model, steps = _model
+    return assignments_place(request_id=request_id, count=IMAGES, first_index=first_index, model=model, steps=steps)
+
+
+_model: tuple[str, int] | None = None
 
 
 def new_request() -> int:
@@ -563,8 +572,8 @@ def old_place(request_id: int, first_index: int) -> Any:
     from gpuscheduler import queues
     from gpuscheduler.conf import gpu_config, samples_config
     from gpuscheduler.models import Assignment, AssignmentKind, Device
+    from gpuscheduler.placement_reads import placement_sequence
     from gpuscheduler.policies import get_policy, plan_chunks
-    from gpuscheduler.selectors import placement_sequence
 
     devices = list(Device.objects.select_for_update(no_key=True).order_by("pk"))
     views = old_device_views(devices)

@@ -168,6 +168,24 @@ RQ_QUEUES = {"default": {"URL": REDIS_URL}}
 RQ = {"COMMIT_MODE": "on_db_commit"}
 RQ_SHOW_ADMIN_LINK = True
 
+
+def _metrics_token() -> str:
+    """METRICS_TOKEN: empty for none (then only staff with the GPU status permission read /metrics)."""
+    token = env_str("METRICS_TOKEN", "")
+    # It travels in an Authorization header and guards every device's and request's figures.
+    if token and not (len(token) >= 16 and all("!" <= c <= "~" for c in token)):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            "METRICS_TOKEN must be at least 16 characters of visible ASCII, without spaces (make one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or empty for none."
+        )
+    return token
+
+
+# The bearer token Prometheus sends to /metrics.
+METRICS_TOKEN = _metrics_token()
+
 _GPU_BACKEND = env_choice("GPU_BACKEND", "auto", BACKENDS)
 _GPU_SIMULATED = env_str("GPU_SIMULATED", "sim*2")
 if _GPU_BACKEND == "simulated":
@@ -178,6 +196,12 @@ GPUSCHEDULER = {
     "SIMULATED": _GPU_SIMULATED,
     "POLICY": env_str("GPU_POLICY", "balanced").lower(),
     "STEAL": env_choice("GPU_STEAL", "speed", STEAL_RULES),
+    # Model affinity: placement and stealing count loading a model where it is not warm (off only
+    # to measure what it brings: bench/bench_affinity.py).
+    "MODEL_AFFINITY": env_bool("GPU_MODEL_AFFINITY", True),
+    # Pipelines each worker keeps loaded on its device, the least recently used evicted first (on
+    # CUDA a load that does not fit in the free memory evicts sooner): personas/pipelines.py.
+    "MODEL_CACHE": env_int("GPU_MODEL_CACHE", 2, minimum=1, maximum=64),
     # This machine's stable id: keys its CPU and simulated devices, its media store and its Host
     # row. Made once into DATA_DIR unless set (config.env.env_host_id says why not the host name).
     "HOST": env_host_id("GPU_HOST", data_dir=DATA_DIR),
@@ -218,11 +242,16 @@ SAMPLES = {
     "MAX_ATTEMPTS": env_int("SAMPLES_MAX_ATTEMPTS", 3, minimum=1, maximum=20),
 }
 
+# LOG_FORMAT=json: one JSON object per line (time, level, logger, message, exception) for log shippers.
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {"()": "config.logging_format.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {
         "handlers": ["console"],
         "level": env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),

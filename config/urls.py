@@ -15,6 +15,9 @@ from django.http.response import HttpResponseBase
 from django.urls import URLPattern, include, path, reverse
 from django.views.generic import RedirectView
 
+from config import health
+from gpuscheduler.metrics_views import metrics_view
+
 View = Callable[..., HttpResponseBase]
 
 
@@ -69,6 +72,10 @@ if admin.site.is_registered(django_rq.models.Dashboard):
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
     path("admin/rq/", include((superuser_only(django_rq.urls.urlpatterns), "django_rq"))),
     path("admin/", admin.site.urls),
+    # Prometheus: a bearer token (METRICS_TOKEN) or a staff session with the GPU status permission.
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -7,10 +7,10 @@ call per request (3.2 images/s); calls of 8 give 5.4 images/s.
 
 What may join a call: QUEUED sample attempts matching the caller's filter (the same model and
 steps), planned on this device (its own queue, pinned ones included) first, then unpinned ones
-planned on the devices this worker would steal from now (selectors.steal_sources), oldest first,
-and only while a chunk brings the call nearer the device's best call size by its learned curve
-(costs.best_call_size), never past SAMPLES_MAX_BATCH. A retry that failed on this device is
-left alone. They are claimed with the conditional UPDATE of a popped job
+planned on other devices where this worker would make the whole call before their owner made
+them (policies.steal_pays), oldest first, and only while a chunk brings the call nearer the
+device's best call size by its learned curve (costs.best_call_size), never past SAMPLES_MAX_BATCH.
+A retry that failed on this device is left alone. They are claimed with the conditional UPDATE of a popped job
 (assignments.assignment_claim), one statement for all of them (attempts_claim), so an attempt is
 claimed once whoever else pops it; their rq jobs are then taken off their queues (a worker that
 pops one anyway finds it claimed and skips it).
@@ -32,10 +32,11 @@ from django.db import DatabaseError
 from django.db.models import Q
 from rq.job import Job
 
-from gpuscheduler import assignments, costs, queues, selectors
+from gpuscheduler import assignments, costs, placement_reads, queues
 from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device
+from gpuscheduler.policies import DeviceView, steal_pays
 
 if TYPE_CHECKING:
     from gpuscheduler.heartbeat import WorkerContext
@@ -96,7 +97,8 @@ def call_fill(
     taken = [first]
     size = first.image_count
     deadline = time.monotonic() + max(0.0, wait)
-    sources: set[int] | None = None
+    views: dict[int, DeviceView] | None = None
+    looked = False  # views are read once, at the first chunk planned on another device
     contested = 0
     while size < best:
         rows = _candidates(device=context.device, match=match, size=size, best=best, limit=limit, taken=taken)
@@ -105,9 +107,9 @@ def call_fill(
             if not joins(planned, row["image_count"], best=best, limit=limit):
                 continue
             if row["planned_device"] != context.device.pk:
-                if sources is None:
-                    sources = _steal_sources(context.device)
-                if row["planned_device"] not in sources:
+                if not looked:
+                    views, looked = _steal_views(context.device, model=model, steps=steps), True
+                if not _may_join(views, context.device.pk, row["planned_device"], planned + row["image_count"]):
                     continue
             chosen.append(row["pk"])
             planned += row["image_count"]
@@ -212,15 +214,28 @@ def _candidates(
     return sorted(rows, key=lambda row: row["planned_device"] != device.pk)  # stable: oldest first in each
 
 
-def _steal_sources(device: Device) -> set[int]:
-    """The devices whose queued work this device may take into its call (GPU_STEAL)."""
+def _steal_views(device: Device, *, model: str, steps: int) -> dict[int, DeviceView] | None:
+    """Every device as placement sees it for the call's model, to judge whether work planned on
+    another may join this call (GPU_STEAL): None under "always" (any may), empty without the
+    database (none may)."""
     if gpu_config()["STEAL"] == "always":
-        return set(Device.objects.exclude(pk=device.pk).values_list("pk", flat=True))
+        return None
     try:
-        return selectors.steal_sources(device.pk)
+        return {view.id: view for view in placement_reads.device_views(readings=False, model=model, steps=steps)}
     except DatabaseError:
         log.exception("could not tell which devices' work may join this call; taking only this device's")
-        return set()
+        return {}
+
+
+def _may_join(views: dict[int, DeviceView] | None, thief_id: int, owner_id: int, call: int) -> bool:
+    """Whether a chunk planned on `owner_id` may join this device's call, which would then hold
+    `call` images: where the thief makes the whole call before the owner would make the chunk
+    (policies.steal_pays). Judged by the chunk alone, a slow device filled a call of several
+    stolen chunks that ended long after the owner would have made them."""
+    if views is None:
+        return True
+    thief, owner = views.get(thief_id), views.get(owner_id)
+    return thief is not None and owner is not None and steal_pays(thief, owner, call)
 
 
 def _jobs_remove(claimed: Sequence[Assignment]) -> None:

@@ -23,13 +23,13 @@ def calibration_sizes() -> list[int]:
     return sorted({min(int(size), limit) for size in config["CALIBRATION"]})
 
 
-def calibrate(context: WorkerContext, model: str) -> None:
-    """Time a few calls (SAMPLES_CALIBRATION sizes) of the default model at the default steps when
-    this device's cost curve rests on fewer than two call sizes: placement then knows what the
-    device costs before its first real call. Skipped once the curve is learned (it is kept in the
-    database across restarts); every later call refines it."""
-    config = samples_config()
-    steps, sizes = int(config["STEPS"]), calibration_sizes()
+def calibrate(context: WorkerContext, model: str, steps: int) -> None:
+    """Time a few calls (SAMPLES_CALIBRATION sizes) of the default model at its steps when this
+    device's cost curve rests on fewer than two call sizes: placement then knows what the device
+    costs before its first real call. Skipped once the curve is learned (it is kept in the
+    database across restarts); every later call refines it. `model` is the key of a model the
+    generator has warmed (its spec gives the guidance)."""
+    sizes = calibration_sizes()
     if not sizes or not costs.needs_calibration(device=context.device, model=model, steps=steps, sizes=len(sizes)):
         return
 
@@ -39,14 +39,13 @@ def calibrate(context: WorkerContext, model: str) -> None:
             prompt="calibration",
             seeds=list(range(images)),
             steps=steps,
-            guidance=float(config["GUIDANCE"]),
         )
         return result.timings[-1]
 
     costs.calibrate(device=context.device, model=model, steps=steps, sizes=sizes, call=call)
 
 
-def calibrate_safely(context: WorkerContext, model: str) -> None:
+def calibrate_safely(context: WorkerContext, model: str, steps: int) -> None:
     """Calibrate under the watchdog (a call hung in native code ends the worker, as in a job); a
     calibration that fails (out of memory, a model error) is logged and skipped: the device then
     learns from its real calls, and whatever failed fails those calls the usual way."""
@@ -54,7 +53,7 @@ def calibrate_safely(context: WorkerContext, model: str) -> None:
     if watchdog is not None:
         watchdog.arm(float(samples_config()["JOB_TIMEOUT"]))
     try:
-        calibrate(context, model)
+        calibrate(context, model, steps)
     except Exception:
         log.warning("%s: calibration failed; learning its cost from real calls", context.device.label, exc_info=True)
         context.generator.free_memory()

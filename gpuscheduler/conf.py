@@ -12,6 +12,8 @@ DEFAULTS: dict[str, Any] = {
     "SIMULATED": "sim*2",
     "POLICY": "balanced",
     "STEAL": "speed",
+    "MODEL_AFFINITY": True,
+    "MODEL_CACHE": 2,
     "HOST": "localhost",
     "MAX_TEMPERATURE": 85.0,
     "MIN_FREE_MEMORY_MB": 1024,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import IntegrityError, transaction
 
+from gpuscheduler import workloads
 from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
 from gpuscheduler.curves import PRIOR, Curve, Timing, fit, peer_curve, scaled
@@ -115,9 +116,11 @@ def curves_for(device_ids: Iterable[int], *, model: str | None = None, steps: in
     the model at the nearest other step count, scaled by the steps (a diffusion call costs about
     in proportion to its steps); the median of the other devices' curves; the prior.
     """
-    config = samples_config()
-    model = (model or config["MODEL"])[:300]
-    steps = int(steps or config["STEPS"])
+    if model is None:
+        model, default_steps = workloads.default_key_and_steps()
+        steps = steps or default_steps
+    model = model[:300]
+    steps = int(steps or samples_config()["STEPS"])
     ids = list(device_ids)
     rows = list(CostCurve.objects.filter(model=model, device_id__in=ids))
     exact = {row.device_id: curve_from_row(row) for row in rows if row.steps == steps}

@@ -206,6 +206,40 @@ class CostCurve(models.Model):
         return f"{self.device} {self.model} at {self.steps} steps"
 
 
+class ModelState(models.TextChoices):
+    WARM = "warm", "Warm (loaded)"
+    EVICTED = "evicted", "Evicted (loaded before)"
+    FAILED = "failed", "Failed to load"
+
+
+class DeviceModel(models.Model):
+    """One model on one device, as the device's worker reports it: loaded (warm), evicted from its
+    pipeline cache, or out of service there because it failed to load (the device keeps serving
+    its other models). `model` is the key requests carry (an opaque string to the scheduler);
+    placement prefers a device where the model is warm unless waiting for it costs more than
+    loading it elsewhere, by each device's measured load time."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="device_models")
+    model = models.CharField(max_length=300)
+    state = models.CharField(max_length=16, choices=ModelState.choices)
+    reason = models.CharField(max_length=2000, blank=True, help_text="Why it failed to load, when it did.")
+    load_seconds = models.FloatField(null=True, blank=True, help_text="Its latest load on this device.")
+    loads = models.PositiveIntegerField(default=0, help_text="How many times this device loaded it.")
+    memory_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="Device memory it held (released when evicted), as measured."
+    )
+    loaded_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(db_default=DbNow())
+
+    class Meta:
+        ordering = ["device", "model"]
+        constraints = [models.UniqueConstraint(fields=["device", "model"], name="devicemodel_one_per_device_model")]
+
+    def __str__(self) -> str:
+        return f"{self.model} on {self.device}: {self.get_state_display()}"
+
+
 class AssignmentKind(models.TextChoices):
     SAMPLES = "samples", "Sample images"
     CANARY = "canary", "Canary"

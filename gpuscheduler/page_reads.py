@@ -10,19 +10,14 @@ from typing import Any
 from django.db.models import Avg, F, Max, Min, Value
 from django.db.models.functions import Floor
 
+from gpuscheduler import workloads
 from gpuscheduler.clock import db_now
 from gpuscheduler.conf import gpu_config, samples_config
-from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
+from gpuscheduler.costs import curves_for
+from gpuscheduler.models import Assignment, AssignmentState, Device, DeviceModel, ModelState, Snapshot
+from gpuscheduler.placement_reads import device_backlogs
 from gpuscheduler.policies import age_text, stale_reason
-from gpuscheduler.selectors import (
-    STALE,
-    EpochSeconds,
-    device_backlogs,
-    device_stale,
-    latest_snapshots,
-    pid_alive,
-    worker_alive,
-)
+from gpuscheduler.selectors import STALE, EpochSeconds, device_stale, latest_snapshots, pid_alive, worker_alive
 
 
 def device_status(now: datetime | None = None) -> list[dict[str, Any]]:
@@ -166,6 +161,17 @@ def snapshot_history(
     return [(row[0], row[1], int(row[2]), *row[3:]) for row in rows]
 
 
+def history_start(*, device_ids: list[int], since: datetime) -> datetime | None:
+    """The oldest reading of these devices at or after `since` (one aggregate on the
+    (device, taken_at) index): where the status page's charts have something to draw from."""
+    if not device_ids:
+        return None
+    first: datetime | None = Snapshot.objects.filter(device_id__in=device_ids, taken_at__gte=since).aggregate(
+        first=Min("taken_at")
+    )["first"]
+    return first
+
+
 SPAN_FIELDS = (
     "id",
     "job_id",
@@ -212,3 +218,49 @@ def assignments_recent(*, device_id: int | None = None, state: str | None = None
         rows = rows.filter(state=state)
     # Newest by id, not queued_at: ids grow with queued_at and the primary key needs no extra index.
     return list(rows.order_by("-id")[:limit])
+
+
+def cost_texts(device_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each device's learned cost curve for the default model and steps, as the page shows it:
+    "1.24 s a call up to 6.5 images, + 0.169 s per image above; best at 7 (rests on 40 calls)"."""
+    limit = int(samples_config()["MAX_BATCH"])
+    model, steps = workloads.default_key_and_steps()
+    shown = {}
+    for device_id, curve in curves_for(device_ids, model=model, steps=steps).items():
+        shown[device_id] = {
+            "model": model,
+            "steps": steps,
+            "text": curve.describe(limit),
+            "fixed_seconds": round(curve.fixed, 4),
+            "per_image_seconds": round(curve.per_image, 4),
+            "knee": curve.knee,
+            "best_size": curve.best_size(limit),
+            "calls": curve.calls,
+            "source": curve.source,
+        }
+    return shown
+
+
+def model_texts(device_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """The models each device's worker reported (one query): warm ones first, then the models
+    it evicted and the ones it could not load, with their load times and reasons."""
+    order = {ModelState.WARM: 0, ModelState.EVICTED: 1, ModelState.FAILED: 2}
+    shown: dict[int, list[dict[str, Any]]] = {device_id: [] for device_id in device_ids}
+    for row in DeviceModel.objects.filter(device_id__in=device_ids).order_by("model"):
+        load = f"loaded in {row.load_seconds:.1f} s" if row.load_seconds is not None else ""
+        shown[row.device_id].append(
+            {
+                "name": row.model.split("@", 1)[0],
+                "key": row.model,
+                "state": row.state,
+                "state_label": row.get_state_display(),
+                "load_seconds": row.load_seconds,
+                "loads": row.loads,
+                "memory_bytes": row.memory_bytes,
+                "reason": row.reason,
+                "text": ", ".join(part for part in (load, f"{row.loads} load{'s' if row.loads != 1 else ''}") if part),
+            }
+        )
+    for models in shown.values():
+        models.sort(key=lambda m: (order.get(m["state"], 3), m["name"]))
+    return shown

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from gpuscheduler.curves import PRIOR, Curve
 
@@ -20,7 +21,9 @@ GIB = 1024**3
 # On the H100, 4 images in one call took 1.26 s and 1 image 1.23 s: spreading 4 images over 4
 # GPUs saves 2% of the wait and costs three GPUs that other requests could have used. 16 images
 # took 2.85 s in one call and 1.49 s as two calls of 8 on two GPUs: a 48% shorter wait, worth it.
-# The waits are estimated with each device's learned cost curve (gpuscheduler/curves.py).
+# The waits are estimated with each device's learned cost curve (gpuscheduler/curves.py). The
+# balanced policy counts the wait from when the first device could start the request, so a
+# request behind a burst is split by the same rule as one that finds the pool idle.
 MIN_SPLIT_GAIN = 0.10
 
 
@@ -44,8 +47,14 @@ class DeviceView:
     queued_images: int = 0
     running_images: int = 0
     # Why a device whose recorded health is fine may not take work ("stale (no reading or
-    # heartbeat for 2 min 10 s)", a full media store on its host); `healthy` is then False.
+    # heartbeat for 2 min 10 s)", a full media store on its host, the model failed to load
+    # there); `healthy` is then False.
     blocked: str = ""
+    # The model placed for, on this device: whether its worker has it loaded, and what loading it
+    # would cost first (its measured load time here, else its peers', else a guess); 0 where it
+    # is warm or model affinity is off (GPU_MODEL_AFFINITY).
+    warm: bool = False
+    load_seconds: float = 0.0
 
     @property
     def memory_fraction(self) -> float | None:
@@ -57,11 +66,18 @@ class DeviceView:
     def backlog(self) -> int:
         return self.queued_images + self.running_images
 
-    @property
+    @cached_property
     def backlog_seconds(self) -> float:
         """How long the work already on it takes by its curve: the running call, then the queued
-        images in calls of its best size."""
+        images in calls of its best size. (Worked out once per view: placement asks for it of
+        every device several times, inside its turn.)"""
         return self.curve.cost(self.running_images) + self.curve.work(self.queued_images, self.batch)
+
+    @property
+    def ready_seconds(self) -> float:
+        """When a new call of the model could start here: its backlog, then loading the model if
+        it is not warm (the model of the queued work may differ; its calls are counted alike)."""
+        return self.backlog_seconds + _load(self)
 
     def describe(self) -> str:
         parts = [self.label + ":"]
@@ -74,14 +90,25 @@ class DeviceView:
         parts.append(f"{self.queued_images} queued")
         if self.running_images:
             parts.append(f"+ {self.running_images} running")
+        if self.warm:
+            parts.append("(model warm)")
+        elif self.load_seconds:
+            parts.append(f"(model to load, ~{self.load_seconds:.1f} s)")
         return " ".join(parts)
 
 
 @dataclass(frozen=True)
 class Ranked:
+    """A device in a policy's order. Its reason (the policy's words, then the device's readings)
+    is written out only for the devices a plan uses: placement ranks every device in its turn."""
+
     device: DeviceView
     score: float
-    reason: str
+    why: str = ""
+
+    @property
+    def reason(self) -> str:
+        return self.why + self.device.describe()
 
 
 @dataclass(frozen=True)
@@ -118,7 +145,7 @@ def least_memory(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranke
     """Rank by memory occupancy, lowest first (what the old patch did)."""
     candidates = eligible(devices)
     ranked = sorted(candidates, key=lambda d: (d.memory_fraction if d.memory_fraction is not None else 1.0, d.id))
-    return [Ranked(d, d.memory_fraction or 0.0, f"least memory: {d.describe()}") for d in ranked]
+    return [Ranked(d, d.memory_fraction or 0.0, "least memory: ") for d in ranked]
 
 
 def round_robin(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
@@ -129,20 +156,20 @@ def round_robin(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked
     start = sequence % len(candidates)
     rotated = candidates[start:] + candidates[:start]
     return [
-        Ranked(d, float(i), f"round robin turn {sequence + i} of {len(candidates)}: {d.describe()}")
-        for i, d in enumerate(rotated)
+        Ranked(d, float(i), f"round robin turn {sequence + i} of {len(candidates)}: ") for i, d in enumerate(rotated)
     ]
 
 
 def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
-    """Rank by the time the work already placed takes (by each device's learned curve), then
-    utilization, memory and temperature."""
+    """Rank by when a new call could start: the time the work already placed takes (by each
+    device's learned curve) and loading the model where it is not warm; then utilization, memory
+    and temperature."""
     # The readings together weigh at most one image on the cheapest candidate (in seconds).
     candidates = eligible(devices)
     unit = min((d.curve.cost(1) for d in candidates), default=1.0) or 1.0
 
     def score(d: DeviceView) -> float:
-        backlog = d.backlog_seconds / unit
+        backlog = d.ready_seconds / unit
         # Utilization while our own images run is already counted in the backlog; without
         # them it is another program's load.
         foreign = 0.0 if d.running_images else (d.utilization or 0.0) / 100.0
@@ -152,8 +179,8 @@ def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
         # queues and keep work away from a GPU that is hot, full or used by another program.
         return backlog + 0.4 * foreign + 0.4 * memory + 0.2 * heat
 
-    ranked = sorted(candidates, key=lambda d: (score(d), d.id))
-    return [Ranked(d, round(score(d), 3), d.describe()) for d in ranked]
+    scored = sorted((score(d), d.id, d) for d in candidates)  # ids are unique: views are never compared
+    return [Ranked(d, round(s, 3)) for s, _, d in scored]
 
 
 POLICIES: dict[str, Policy] = {
@@ -180,18 +207,29 @@ def call_cost(device: DeviceView, images: int) -> float:
 STEAL_RULES = ("speed", "always")
 
 
-def steal_pays(thief: DeviceView, owner: DeviceView, images: int) -> bool:
+def steal_pays(thief: DeviceView, owner: DeviceView, images: int, *, running_left: float | None = None) -> bool:
     """Should the idle `thief` take a chunk of `images` waiting on `owner`'s queue?
 
     Always where the owner cannot run it (unhealthy, or no live worker): its queued work must not
     wait for it. Otherwise only where the thief would finish the chunk before the owner finishes
-    the work it already has (its running call, then its queued images), both by their learned
-    curves: an idle T4 that took an H100's next call of 8 would finish it after the H100 had done
-    both of its own.
+    the work it already has (what is left of its running call, then its queued images), both by
+    their learned curves: an idle T4 that took an H100's next call of 8 would finish it after the
+    H100 had done both of its own. `running_left` is how long the owner's running call still takes
+    where the caller knows it; otherwise half of it is assumed to be left. Counted whole, a call
+    about to end made a device half as fast take the 4 images queued behind it, and the burst
+    ended 1.2 s after the owner went idle (bench/bench_learning.py). The views are for the
+    chunk's model: one without it warm counts loading it.
     """
     if not owner.healthy or not owner.worker_alive:
         return True
-    return call_cost(thief, images) < owner.backlog_seconds
+    running = owner.curve.cost(owner.running_images)
+    left = running / 2 if running_left is None else min(running, max(0.0, running_left))
+    # Either one that would have to load the chunk's model first counts the load (model affinity).
+    return call_cost(thief, images) + _load(thief) < owner.backlog_seconds - (running - left) + _load(owner)
+
+
+def _load(device: DeviceView) -> float:
+    return 0.0 if device.warm else device.load_seconds
 
 
 def even_sizes(count: int, parts: int) -> list[int]:
@@ -209,7 +247,7 @@ def estimated_finish(ranked: Sequence[Ranked], sizes: Sequence[int]) -> float:
     finish: dict[int, float] = {}
     for choice, size in assign_sizes(ranked, sizes):
         device = choice.device
-        start = finish.get(device.id, device.backlog_seconds)
+        start = finish.get(device.id, device.ready_seconds)
         finish[device.id] = start + call_cost(device, size)
     return max(finish.values())
 
@@ -219,9 +257,10 @@ class _Candidate:
     """A device as water-filling sees it: its backlog in seconds (read once), curve and rank."""
 
     id: int
-    backlog: float
+    backlog: float  # until a call of the request's model could start: its work, then loading the model
     curve: Curve
     rank: int
+    queued: float = 0.0  # its work alone, without loading the model
 
     def finish(self, images: int, max_batch: int) -> float:
         return self.backlog + self.curve.work(images, max_batch)
@@ -281,20 +320,30 @@ def _plan_by_finish(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> 
     unit = max(1, count // 256)
     # Each device's backlog is worked out once, and the candidates sorted once, for every split tried.
     candidates = sorted(
-        (_Candidate(r.device.id, r.device.backlog_seconds, r.device.curve, i) for i, r in enumerate(ranked)),
+        (
+            _Candidate(r.device.id, r.device.ready_seconds, r.device.curve, i, r.device.backlog_seconds)
+            for i, r in enumerate(ranked)
+        ),
         key=lambda c: (c.finish(unit, max_batch), c.rank),
     )
-    best, best_time = _fill(count, candidates, 1, max_batch)
+    # Alone, the request goes where all of it finishes soonest (not where its first image would).
+    alone = min(candidates, key=lambda c: (c.finish(count, max_batch), c.rank))
+    best, best_time = {alone.id: count}, alone.finish(count, max_batch)
+    # The wait a split must shorten is counted from when the first device could start the request,
+    # not from now: behind a burst every device has seconds of work queued, and 10% of that wait
+    # kept each later request whole on one device, so the burst ended with one slow device making a
+    # whole request of 4 while the others idled. Loading the model is the request's own work, not
+    # a wait: a split that makes two devices load it to save one image's time does not pay.
+    start = min(c.queued for c in candidates)
     for devices in range(2, min(count, len(ranked)) + 1):
         given, finish = _fill(count, candidates, devices, max_batch)
-        if finish < best_time * (1 - MIN_SPLIT_GAIN):
+        if finish - start < (best_time - start) * (1 - MIN_SPLIT_GAIN):
             best, best_time = given, finish
-    reasons = {r.device.id: r.reason for r in ranked}
-    rank = {r.device.id: i for i, r in enumerate(ranked)}
+    by_id = {r.device.id: (i, r) for i, r in enumerate(ranked)}
     # In ranking order; more images on one device than one call takes become several even calls.
     pieces = [
-        (device_id, reasons[device_id], size)
-        for device_id in sorted(best, key=rank.__getitem__)
+        (device_id, by_id[device_id][1].reason, size)
+        for device_id in sorted(best, key=lambda d: by_id[d][0])
         for size in even_sizes(best[device_id], math.ceil(best[device_id] / max_batch))
     ]
     return _chunks(pieces)

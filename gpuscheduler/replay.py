@@ -129,6 +129,7 @@ class _State:
     queued: list[int] = field(init=False)  # images waiting on each device's queue
     running: list[int] = field(init=False)  # images in each device's running call (0: idle)
     current: list[list[_Chunk]] = field(init=False)
+    ends: list[float] = field(init=False)  # when each device's running call ends
     busy: list[float] = field(init=False)
     made: list[int] = field(init=False)
     waiting: int = 0  # images queued anywhere
@@ -138,6 +139,7 @@ class _State:
         self.queues = [deque() for _ in range(n)]
         self.queued, self.running, self.made = [0] * n, [0] * n, [0] * n
         self.current = [[] for _ in range(n)]
+        self.ends = [0.0] * n
         self.busy = [0.0] * n
 
 
@@ -172,10 +174,14 @@ class _Replay:
             running_images=s.running[device],
         )
 
-    def may_take(self, thief: int, owner: int, chunk: _Chunk) -> bool:
+    def may_take(self, thief: int, owner: int, chunk: _Chunk, now: float, call: int = 0) -> bool:
+        """Whether `thief` may take `chunk` into a call that already holds `call` images: it must
+        finish the whole call before the owner would finish the chunk."""
         if self.scenario.steal == "always":
             return True
-        return steal_pays(self.view(thief, chunk.key), self.view(owner, chunk.key), chunk.images)
+        left = self.state.ends[owner] - now if self.state.running[owner] else 0.0
+        view = self.view(owner, chunk.key)
+        return steal_pays(self.view(thief, chunk.key), view, call + chunk.images, running_left=left)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class _Replay:
             if s.running[i] or not s.waiting:
                 continue
             heads = [q[0] for j, q in enumerate(s.queues) if j != i and q]
-            allowed = [c for c in heads if self.may_take(i, c.owner, c)]
+            allowed = [c for c in heads if self.may_take(i, c.owner, c, now)]
             if allowed:
                 self.start(i, min(allowed, key=lambda c: c.seq), now)
 
@@ -249,7 +255,7 @@ class _Replay:
                         break
                     if chunk.key != first.key or total + chunk.images > limit:
                         continue
-                    if owner != device and not self.may_take(device, owner, chunk):
+                    if owner != device and not self.may_take(device, owner, chunk, now, total):
                         continue
                     self.take(queue, chunk)
                     chunks.append(chunk)
@@ -257,6 +263,7 @@ class _Replay:
         cost = self.devices[device].curves[first.key].cost(total)
         s.current[device] = chunks
         s.running[device] = total
+        s.ends[device] = now + cost
         s.busy[device] += cost
         s.made[device] += total
         self.stolen += sum(1 for c in chunks if c.owner != device)

@@ -1,6 +1,6 @@
 """Writes of the scheduler about devices: registration, health and admission, snapshots and
 their bounded history, and which worker holds which device. Assignments (placement, attempts)
-are in gpuscheduler/assignments.py, recovery in gpuscheduler/recovery.py.
+are in gpuscheduler/placement.py and gpuscheduler/assignments.py, recovery in gpuscheduler/recovery.py.
 
 Every shared-state change is a conditional UPDATE whose row count says who won, so monitors and
 workers on any number of hosts may run the same code at once.
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 REGISTERED = "registered, not read yet"
 
 # pg_advisory_xact_lock(PLACEMENT_LOCK): "placing work, or locking several device rows"; held until
-# the transaction ends (see assignments.placement_locked).
+# the transaction ends (see placement.placement_locked).
 PLACEMENT_LOCK = 0x706C6163
 
 
@@ -224,7 +224,7 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
         snapshot.device.last_seen, snapshot.device.retired_at = now, None
     with transaction.atomic():
         # Several device rows: after the placement turn, then locked in pk order, as placement does
-        # (see assignments.placement_locked). An UPDATE of several rows locks them in the order it
+        # (see placement.placement_locked). An UPDATE of several rows locks them in the order it
         # scans the table, and deadlocked with a press.
         placement_turn()
         ids = [s.device_id for s in seen]

@@ -25,6 +25,7 @@ from django.conf import settings
 
 from config.env import parse_simulated_spec
 from gpuscheduler.backends import DeviceInfo, Reading
+from gpuscheduler.conf import gpu_config
 
 GIB = 1024**3
 MEMORY_BY_NAME = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10": 24, "L4": 24, "T4": 16, "V100": 32}
@@ -32,6 +33,7 @@ DEFAULT_MEMORY_GIB = 24
 BASE_MEMORY = 512 * 1024**2  # what a driver and an idle context hold
 ACTIVATION_BYTES_PER_IMAGE = GIB // 2
 IDLE_C, BUSY_C, OVER_C, TAU_S = 35.0, 78.0, 97.0, 20.0
+SPANS_KEPT_S, MAX_SPANS = 60.0, 200  # the last minute of busy spans: the longest utilization window
 _NAMESPACE = uuidlib.UUID("6f1c1c52-5b6e-4b8e-9a4a-3d1f0e2a7c11")
 
 FAULTS = (
@@ -42,7 +44,7 @@ FAULTS = (
     "hang_seconds",
     "hang_native",
     "fail",
-    "load_seconds",  # a model load this slow at worker start (a real model takes 12-18 s on an H100)
+    "load_seconds",  # every model load this slow (a real model takes 12-18 s on an H100)
 )
 
 
@@ -171,17 +173,52 @@ def set_model_memory(uuid: str, nbytes: int) -> None:
     _update(uuid, change)
 
 
+# Memory held by each model a simulated worker keeps loaded, by a name of the worker's choosing:
+# the reading rises when one loads and drops when the worker's cache evicts it.
+
+
+def model_memory_add(uuid: str, name: str, nbytes: int) -> None:
+    """A model of `nbytes` is now loaded on the simulated device."""
+
+    def change(entry: dict[str, Any], now: float) -> None:
+        entry.setdefault("models", {})[name] = int(nbytes)
+
+    _update(uuid, change)
+
+
+def model_memory_drop(uuid: str, name: str) -> None:
+    """The model is unloaded: its memory is free again."""
+
+    def change(entry: dict[str, Any], now: float) -> None:
+        entry.setdefault("models", {}).pop(name, None)
+
+    _update(uuid, change)
+
+
+def model_memory(uuid: str) -> int:
+    """The memory the device's loaded models hold, in bytes (what its worker's allocator would say)."""
+    return _model_bytes(read_state().get(uuid, {}))
+
+
+def _model_bytes(entry: dict[str, Any]) -> int:
+    return int(entry.get("model_bytes", 0)) + sum(int(n) for n in entry.get("models", {}).values())
+
+
 @contextlib.contextmanager
 def busy(uuid: str, images: int) -> Iterator[None]:
     """Report a running pipeline call of `images` images on a simulated device."""
 
     def start(entry: dict[str, Any], now: float) -> None:
+        if not entry.get("busy", 0):
+            entry["busy_since"] = now
         entry["busy"] = entry.get("busy", 0) + 1
         entry["active_bytes"] = entry.get("active_bytes", 0) + images * ACTIVATION_BYTES_PER_IMAGE
 
     def stop(entry: dict[str, Any], now: float) -> None:
         entry["busy"] = max(0, entry.get("busy", 0) - 1)
         entry["active_bytes"] = max(0, entry.get("active_bytes", 0) - images * ACTIVATION_BYTES_PER_IMAGE)
+        if not entry["busy"]:
+            _busy_span_close(entry, now)
 
     _update(uuid, start)
     try:
@@ -194,12 +231,38 @@ def reset_load(uuid: str, owner_pid: int | None = None) -> None:
     """Forget the load of a worker that died (the kernel freed its memory); note the new owner."""
 
     def change(entry: dict[str, Any], now: float) -> None:
+        if entry.get("busy", 0):
+            _busy_span_close(entry, now)
         entry["busy"] = 0
         entry["active_bytes"] = 0
         entry["model_bytes"] = 0
+        entry["models"] = {}
         entry["owner_pid"] = owner_pid
 
     _update(uuid, change)
+
+
+def _busy_span_close(entry: dict[str, Any], now: float) -> None:
+    """Keep the busy span that just ended (the last minute's, for busy_share)."""
+    since = float(entry.pop("busy_since", now))
+    spans = [span for span in entry.get("busy_spans", []) if span[1] > now - SPANS_KEPT_S]
+    entry["busy_spans"] = [*spans, [since, now]][-MAX_SPANS:]
+
+
+def busy_share(entry: dict[str, Any], now: float, window: float) -> float:
+    """The share of the last `window` seconds the device spent in pipeline calls, 0 to 1.
+
+    What NVML's utilization is: the share of its last sample period in which a kernel ran. A
+    reading of the busy flag alone said 0 % and "gpu_idle" for a device working flat out on short
+    calls (the tiny model's take a fraction of a second; claims, PNGs and commits fill the gaps), as
+    long as the monitor's reading fell between two calls, which it nearly always did.
+    """
+    start = now - window
+    spans = [(float(a), float(b)) for a, b in entry.get("busy_spans", [])]
+    if entry.get("busy", 0):
+        spans.append((float(entry.get("busy_since", now)), now))
+    busy = sum(max(0.0, min(b, now) - max(a, start)) for a, b in spans)
+    return min(1.0, busy / window) if window > 0 else 0.0
 
 
 def _temperature(entry: dict[str, Any], now: float) -> float:
@@ -242,14 +305,18 @@ class SimulatedBackend:
             return Reading(uuid=info.uuid, ok=False, error="NVMLError_Unknown: Unknown Error (simulated)")
         running = entry.get("busy", 0) > 0
         temperature = OVER_C if switches.get("over_temperature") else _temperature(entry, now)
-        used = BASE_MEMORY + int(entry.get("model_bytes", 0)) + int(entry.get("active_bytes", 0))
-        utilization = min(100.0, 92.0 + 2.0 * entry.get("busy", 0)) if running else 0.0
+        own_bytes = _model_bytes(entry) + int(entry.get("active_bytes", 0))
+        used = BASE_MEMORY + own_bytes
+        if running:
+            utilization = min(100.0, 92.0 + 2.0 * entry.get("busy", 0))
+        else:  # between calls: the share of the last sample period spent in calls, as NVML says
+            window = min(SPANS_KEPT_S, max(1.0, float(gpu_config()["MONITOR_INTERVAL"])))
+            utilization = round(100.0 * busy_share(entry, now, window), 1)
         owner = entry.get("owner_pid")
-        own_bytes = int(entry.get("model_bytes", 0)) + int(entry.get("active_bytes", 0))
         reasons: tuple[str, ...] = ()
         if switches.get("over_temperature"):
             reasons = ("sw_thermal", "hw_thermal")
-        elif not running:
+        elif not utilization:
             reasons = ("gpu_idle",)
         return Reading(
             uuid=info.uuid,

@@ -18,14 +18,23 @@ from django.utils import timezone
 
 from gpuscheduler.clock import clock_text, db_now
 from gpuscheduler.cluster import host_status
-from gpuscheduler.conf import gpu_config, samples_config
-from gpuscheduler.costs import curves_for
+from gpuscheduler.conf import gpu_config
 from gpuscheduler.models import Assignment, AssignmentState, images_label
-from gpuscheduler.page_reads import assignments_between, assignments_recent, device_status, snapshot_history
+from gpuscheduler.page_reads import (
+    assignments_between,
+    assignments_recent,
+    cost_texts,
+    device_status,
+    history_start,
+    model_texts,
+    snapshot_history,
+)
 from gpuscheduler.queues import device_queue_name, queue_depths
 from gpuscheduler.storage import store_status
 
 HISTORY_SECONDS = 3600
+# The charts' windows (seconds), shortest first, each with its time axis step: whole minutes.
+CHART_WINDOWS = {300: 60, 600: 120, 900: 300, 1800: 600, HISTORY_SECONDS: 900}
 RECENT_LIMIT = 50
 
 # Chart geometry in SVG user units; the SVG scales to its card's width through its viewBox.
@@ -40,6 +49,7 @@ CHART_HEIGHT = AXIS_Y + 4
 # and 240 points a line instead of 1,800 at a 2 s monitor interval.
 SLOTS = 240
 METRICS = ("utilization", "memory", "temperature")
+Y_TICKS = ((PLOT_TOP + 9, "100"), (PLOT_TOP + PLOT_HEIGHT / 2 + 3, "50"), (PLOT_TOP + PLOT_HEIGHT - 2, "0"))
 GIB = 1024**3
 
 
@@ -181,6 +191,14 @@ def time_ticks(
     return ticks
 
 
+def chart_window(first: datetime | None, now: datetime) -> int:
+    """The charts' window in seconds: the shortest of CHART_WINDOWS that holds everything since the
+    oldest reading or job of the last hour (`first`), so a cluster started 3 minutes ago fills its
+    charts instead of drawing them in the last 5 % of an hour."""
+    age = (now - first).total_seconds() if first is not None else HISTORY_SECONDS
+    return next((w for w in CHART_WINDOWS if age <= w), HISTORY_SECONDS)
+
+
 def _clock(value: datetime | None, now: datetime | None = None) -> str:
     if value is None:
         return ""
@@ -233,27 +251,6 @@ def _card(
         "has_data": bool(points),
     }
     return row
-
-
-def cost_texts(device_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Each device's learned cost curve for the default model and steps, as the page shows it:
-    "1.24 s a call up to 6.5 images, + 0.169 s per image above; best at 7 (rests on 40 calls)"."""
-    config = samples_config()
-    limit = int(config["MAX_BATCH"])
-    shown = {}
-    for device_id, curve in curves_for(device_ids).items():
-        shown[device_id] = {
-            "model": config["MODEL"],
-            "steps": int(config["STEPS"]),
-            "text": curve.describe(limit),
-            "fixed_seconds": round(curve.fixed, 4),
-            "per_image_seconds": round(curve.per_image, 4),
-            "knee": curve.knee,
-            "best_size": curve.best_size(limit),
-            "calls": curve.calls,
-            "source": curve.source,
-        }
-    return shown
 
 
 def shared_calls(assignments: list[Assignment]) -> dict[int, int]:
@@ -335,23 +332,29 @@ def status_page(
     the web host's own clock may be off from the hosts that wrote the times.
     """
     now = now or db_now()
-    since = now - timedelta(seconds=HISTORY_SECONDS)
-    window = float(HISTORY_SECONDS)
     rows = device_status(now)
     ids = [row["id"] for row in rows]
+    hour_ago = now - timedelta(seconds=HISTORY_SECONDS)
+    jobs = assignments_between(device_ids=ids, since=hour_ago, until=now)
+    starts = [j["started_at"] for j in jobs if j["started_at"] is not None]
+    first = min([t for t in (history_start(device_ids=ids, since=hour_ago), *starts) if t is not None], default=None)
+    window = float(chart_window(first, now))
+    since = now - timedelta(seconds=window)
     slot_seconds = window / SLOTS
     pattern = persona_url_pattern()
     history: dict[int, list[tuple[Any, ...]]] = {}
     for slot in snapshot_history(device_ids=ids, since=since, until=now, slot_seconds=slot_seconds):
         history.setdefault(slot[0], []).append(slot)
     ran: dict[int, list[dict[str, Any]]] = {}
-    for span in assignments_between(device_ids=ids, since=since, until=now):
+    for span in jobs:
         ran.setdefault(span["device_id"], []).append(span)
     min_span = float(gpu_config()["MONITOR_INTERVAL"])
     costs = cost_texts(ids)
+    models = model_texts(ids)
     devices = []
     for row in rows:
         row["cost"] = costs[row["id"]]
+        row["models"] = models[row["id"]]
         total = (row["snapshot"] or {}).get("memory_total")
         points = history_points(
             history.get(row["id"], []), slot_seconds=slot_seconds, memory_total=total, min_span=min_span
@@ -393,7 +396,7 @@ def status_page(
     return {
         "generated_at": now.isoformat(),
         "generated_text": clock_text(now),
-        "window_seconds": HISTORY_SECONDS,
+        "window_seconds": int(window),
         "chart": {
             "width": CHART_WIDTH,
             "height": CHART_HEIGHT,
@@ -406,7 +409,11 @@ def status_page(
             "lane_height": LANE_HEIGHT,
             "lane_text_y": LANE_TOP + LANE_HEIGHT - 4,
             "axis_y": AXIS_Y,
-            "ticks": time_ticks(),
+            "ticks": time_ticks(window=window, step=CHART_WINDOWS[int(window)]),
+            # One scale for the three lines: percent of time busy, percent of memory used, degrees C.
+            "y_ticks": [{"y": y, "label": label} for y, label in Y_TICKS],
+            "y_label": "% busy · % memory · °C",
+            "window_text": duration_text(window),
         },
         "devices": devices,
         "storage": storage,

@@ -21,6 +21,7 @@ What SimpleWorker lacks, and how this module adds it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 
-from gpuscheduler import assignments, calibration, queues, recovery, storage
+from gpuscheduler import assignments, calibration, device_models, queues, recovery, storage, workloads
 from gpuscheduler import services as scheduler
 from gpuscheduler.backends import Backend, CpuBackend, DeviceInfo, get_backend
 from gpuscheduler.conf import gpu_config, lease, samples_config
@@ -45,7 +46,8 @@ from gpuscheduler.models import (
     Health,
     WorkerState,
 )
-from gpuscheduler.selectors import device_has_pending_work, steal_sources
+from gpuscheduler.placement_reads import steal_sources
+from gpuscheduler.selectors import device_has_pending_work
 from gpuscheduler.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -289,8 +291,9 @@ def run_canary(context: WorkerContext) -> bool:
         context.watchdog.arm(timeout)
     try:
         with context.running(record, report=False):
+            model = canary_model(context)
             context.generator.generate(
-                model=samples_config()["MODEL"], prompt="canary", negative_prompt="", seeds=[0], steps=1, guidance=1.0
+                model=model, prompt="canary", negative_prompt="", seeds=[0], steps=1, guidance=1.0
             )
     except Exception as exc:  # any failure keeps the device out of service
         context.generator.free_memory()
@@ -305,6 +308,15 @@ def run_canary(context: WorkerContext) -> bool:
         return False  # the reconciler gave it up (it ran past its lease): try again later
     scheduler.device_probation_end(device=device, passed=True, detail=f"1 image in {seconds:.2f} s")
     return True
+
+
+def canary_model(context: WorkerContext) -> Any:
+    """The model a canary runs: the one this worker used last, if it holds one (it loaded here, so
+    a failure is the device's), else the default model. A default model that does not load on the
+    device is recorded as that pair's failure, and the canary fails: no model is left to test the
+    device with, so it stays out of service, its canary retried with a growing pause."""
+    warm = context.generator.warm_models()
+    return warm[0] if warm else workloads.default_model().spec
 
 
 # --- starting a worker ----------------------------------------------------------------------------
@@ -369,6 +381,11 @@ def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: b
 
         simulated.reset_load(info.uuid, os.getpid())  # a dead predecessor's load is gone with it
     generator = Generator(Target(kind=info.kind, uuid=info.uuid, speed=info.speed))
+    if attach_worker:
+        # This process holds no model yet; from now on its pipeline cache records what it loads,
+        # evicts and cannot load (a --sync run's process is gone when it ends: it records nothing).
+        device_models.models_forget(device_id=device.pk, reason="its worker started")
+        generator.events = device_models.ModelEvents(device.pk)
     return WorkerContext(device=device, name=name, host=host, generator=generator, backend=backend)
 
 
@@ -381,26 +398,34 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
     context = build_context(info, backend)
     set_context(context)
     config = gpu_config()
-    model = samples_config()["MODEL"]
     heartbeat = Heartbeat(context, float(config["HEARTBEAT_INTERVAL"]), presence=True)
     heartbeat.start()
     try:
         started = time.monotonic()
         loaded = False
+        model = samples_config()["MODEL"]  # named in messages until the default model is known
         try:
-            context.generator.warm(model)
+            # The default model (personas registers it): requests name their own, loaded on demand.
+            default = workloads.default_model()
+            model = default.key
+            context.generator.warm(default.spec)
             log.info("%s: %s ready in %.1f s", context.device.label, model, time.monotonic() - started)
             loaded = True
+        except workloads.ModelLoadError:
+            # The model's fault, not the device's: that pair is out of service (the generator
+            # recorded it) and the device serves every other model.
+            log.exception("%s: the default model %s does not load here", context.device.label, model)
         except Exception as exc:
-            # Out of service until the model loads: a device whose jobs all fail fast would
-            # look idle and draw every new chunk. Its canary tries the model again, with backoff.
+            # Anything else (a CUDA error, a driver fault) is the device's: out of service until a
+            # model loads, since a device whose jobs all fail fast would look idle and draw every
+            # new chunk. Its canary tries again, with backoff.
             log.exception("%s: could not load %s", context.device.label, model)
             scheduler.device_set_unhealthy(
                 device=context.device, reason=f"model {model} does not load: {type(exc).__name__}: {exc}"
             )
         context.watchdog = Watchdog(float(config["WATCHDOG_GRACE"]))
         if loaded:
-            calibration.calibrate_safely(context, model)
+            calibration.calibrate_safely(context, model, int(default.spec.get("steps") or samples_config()["STEPS"]))
         worker = GpuWorker(context, connection=queues.redis_connection())
         heartbeat.worker = worker  # from now on it keeps rq's heartbeats too
         worker.work(burst=burst, logging_level="WARNING")
@@ -408,5 +433,7 @@ def run_worker(info: DeviceInfo, backend: Backend, *, burst: bool = False) -> No
         heartbeat.stop()
         if context.watchdog is not None:
             context.watchdog.stop()
+        with contextlib.suppress(Exception):  # a database gone: its successor forgets them too
+            device_models.models_forget(device_id=context.device.pk, reason="its worker stopped")
         scheduler.worker_detach(device=context.device, name=context.name)
         set_context(None)

@@ -1,99 +1,45 @@
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections import Counter, defaultdict
-from datetime import datetime
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
-from django.contrib.admin.widgets import AdminTextareaWidget
-from django.core.exceptions import PermissionDenied, SuspiciousOperation, ValidationError
-from django.db import DatabaseError, InterfaceError, models
-from django.db.models import Count, QuerySet
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.contrib.admin.widgets import AdminIntegerFieldWidget, AdminTextareaWidget
+from django.core.exceptions import SuspiciousOperation
+from django.db import models, transaction
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.http.response import HttpResponseBase
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
 from config.storage import samples_storage, storage_errors, storage_signed_url
-from gpuscheduler.assignments import NoDeviceAvailable
-from gpuscheduler.clock import db_now
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
-from personas.forms import GenerateSamplesForm, PersonaAdminForm
-from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestSource, RequestState, SampleImage, SampleRequest
-from personas.selectors import persona_gallery, persona_latest_request, request_progress
-from personas.services import (
-    RequestAlreadyActive,
-    Submitted,
-    sample_images_delete,
-    sample_request_cancel,
-    sample_request_submit,
+from personas import admin_views
+from personas.forms import PersonaAdminForm
+from personas.image_models import (
+    ModelNotDeletable,
+    image_model_delete_refusal,
+    image_model_save,
+    image_models_delete,
+    model_key,
+    size_errors,
+    source_check,
+    spec_of,
 )
+from personas.models import ACTIVE_REQUEST_STATES, ImageModel, Persona, SampleImage, SampleRequest
+from personas.selectors import persona_gallery, request_progress
+from personas.services import sample_images_delete
 
 log = logging.getLogger(__name__)
 
-# Every way the database can fail a request: a deadlock, a lost or closed connection, a timeout.
-# (Django's InterfaceError, raised for some closed connections, is no DatabaseError.)
-DATABASE_ERRORS = (DatabaseError, InterfaceError)
-
-
-def submitted_message(*submitted: Submitted) -> tuple[int, str]:
-    """The message level and text that tell an admin where one or more requests went."""
-    what = "; ".join(s.summary() for s in submitted)
-    if len(submitted) > 1:
-        tally: Counter[str] = Counter()
-        for s in submitted:
-            tally.update(s.by_device)
-        where = ", ".join(f"{n} on {label}" for label, n in sorted(tally.items()))
-        what += f" ({sum(s.request.count for s in submitted)} images in all: {where})"
-    if any(s.waiting_for_redis for s in submitted):
-        return messages.WARNING, (
-            f"Saved {what}. Redis is unavailable right now, so the jobs are not queued yet: "
-            "they will be queued automatically as soon as Redis answers again."
-        )
-    return messages.SUCCESS, f"Queued {what}."
-
-
-def _names(personas: list[Persona]) -> str:
-    return ", ".join(p.name for p in personas)
-
-
-def database_error_text(exc: Exception) -> str:
-    """What the database said, in one short line: a deadlock, a lost server, a timeout."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
-
-
-def database_error_message(exc: Exception, outcome: str) -> str:
-    return f"The database did not answer ({database_error_text(exc)}); {outcome}. Try again in a moment."
-
-
-def _saved_after_all(persona: Persona, user: Any, since: datetime | None) -> SampleRequest | None:
-    """After a database error during a press that began at `since` (the database's time, as the
-    request's `created` is): its request, if the COMMIT went through and only the reply was lost.
-    None when there is none, or when the database still does not answer."""
-    if since is None:
-        return None  # the database failed before the press began
-    try:
-        latest = persona_latest_request(persona=persona)
-    except DATABASE_ERRORS:
-        return None
-    if latest is None or latest.created < since or latest.requested_by_id != getattr(user, "pk", None):
-        return None
-    return latest
-
-
-def _saved_late_message(exc: Exception, saved: SampleRequest, persona: Persona) -> str:
-    # Its on-commit enqueue never ran; the reconciler queues attempts that Redis lacks.
-    return (
-        f"The database answered late ({database_error_text(exc)}), but the request for {saved.count} images of "
-        f"{persona} was saved: its jobs are queued within seconds."
-    )
+# The product's name in every admin page's header and title (templates/admin/base_site.html adds its icon).
+admin.site.site_header = admin.site.site_title = "Persona samples"
 
 
 def _explain_active_requests(request: HttpRequest, perms_needed: set[str]) -> set[str]:
@@ -102,6 +48,11 @@ def _explain_active_requests(request: HttpRequest, perms_needed: set[str]) -> se
     if name in perms_needed and request.user.has_perm("personas.delete_samplerequest"):
         return (perms_needed - {name}) | {f"{name} that is queued or running (cancel it first)"}
     return perms_needed
+
+
+class ImageModelChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
+    def label_from_instance(self, obj: Any) -> str:
+        return str(obj.name) + ("" if obj.enabled else " (disabled)")
 
 
 class ActiveRequestFilter(admin.SimpleListFilter):
@@ -122,8 +73,9 @@ class ActiveRequestFilter(admin.SimpleListFilter):
 @admin.register(Persona)
 class PersonaAdmin(OutOfRangeLookupMixin):
     form = PersonaAdminForm
-    list_display = ["name", "slug", "default_sample_count", "image_total", "updated"]
-    list_filter = [ActiveRequestFilter, "created", "updated"]
+    list_display = ["name", "slug", "model_name", "default_sample_count", "image_total", "updated"]
+    list_filter = [ActiveRequestFilter, "image_model", "created", "updated"]
+    list_select_related = ["image_model"]
     search_fields = ["name", "slug", "description", "appearance_prompt"]
     prepopulated_fields = {"slug": ["name"]}
     readonly_fields = ["images_requested", "created", "updated"]
@@ -132,7 +84,10 @@ class PersonaAdmin(OutOfRangeLookupMixin):
     formfield_overrides = {models.TextField: {"widget": AdminTextareaWidget(attrs={"rows": 3})}}
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("Image prompt", {"fields": ["appearance_prompt", "negative_prompt", "default_sample_count", "base_seed"]}),
+        (
+            "Image prompt",
+            {"fields": ["appearance_prompt", "negative_prompt", "image_model", "default_sample_count", "base_seed"]},
+        ),
         ("Record", {"classes": ["collapse"], "fields": ["images_requested", "created", "updated"]}),
     ]
 
@@ -141,12 +96,37 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         # Only the list shows the count; the change page and its 1.5 s progress poll need no GROUP BY.
         match = getattr(request, "resolver_match", None)
         if match is not None and match.url_name == f"{self.opts.app_label}_{self.opts.model_name}_changelist":
-            queryset = queryset.annotate(image_total=Count("sample_images", distinct=True))
+            default = ImageModel.objects.filter(is_default=True).values("name")[:1]
+            queryset = queryset.annotate(
+                image_total=Count("sample_images", distinct=True), default_model_name=Subquery(default)
+            )
         return queryset
 
     @admin.display(description="Images", ordering="image_total")
     def image_total(self, obj: Persona) -> int:
         return getattr(obj, "image_total", 0)
+
+    @admin.display(description="Model", ordering="image_model__name")
+    def model_name(self, obj: Persona) -> str:
+        if obj.image_model is not None:
+            return obj.image_model.name + ("" if obj.image_model.enabled else " (disabled)")
+        return f"{getattr(obj, 'default_model_name', None) or 'the default'} (default)"
+
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "default_sample_count":
+            # 1 to SAMPLES_MAX_PER_REQUEST in the HTML too; the model field's 0 floor (a positive
+            # integer) showed there and refused -1 with "greater than or equal to 0" before
+            # validate_count could say the rule: the form's clean_default_sample_count says it.
+            maximum = int(samples_config()["MAX_PER_REQUEST"])
+            kwargs.update(min_value=None, widget=AdminIntegerFieldWidget(attrs={"min": 1, "max": maximum}))
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "image_model":
+            default = ImageModel.objects.filter(is_default=True).first()
+            kwargs["empty_label"] = f"Default model ({default.name})" if default else "Default model"
+            kwargs["form_class"] = ImageModelChoiceField
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_urls(self) -> list[Any]:
         prefix = f"{self.opts.app_label}_{self.opts.model_name}"
@@ -190,178 +170,17 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def generate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        try:
-            return self._generate(request, object_id)
-        except DATABASE_ERRORS as exc:  # reading the persona or the form's device
-            return self._database_failed(request, exc, object_id, "nothing was queued")
-
-    def _database_failed(self, request: HttpRequest, exc: Exception, object_id: str, outcome: str) -> HttpResponse:
-        """A deadlock, a lost connection, a failover: say so and go back, never a 500. The message
-        goes into the message cookie (FallbackStorage), so saying so needs no database."""
-        log.warning("%s %s: %s", request.method, request.path, exc, exc_info=True)
-        self.message_user(request, database_error_message(exc, outcome), messages.ERROR)
-        return HttpResponseRedirect(reverse("admin:personas_persona_change", args=[object_id]))
-
-    def _generate(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        persona = self.get_object(request, unquote(object_id))
-        if persona is None:
-            raise Http404("No such persona.")
-        if not self.has_change_permission(request, persona):
-            raise PermissionDenied
-        back = HttpResponseRedirect(reverse("admin:personas_persona_change", args=[persona.pk]))
-        form = GenerateSamplesForm(request.POST)
-        if not form.is_valid():
-            self.message_user(request, f"Nothing was queued. {form.error_text()}", messages.ERROR)
-            return back
-        since: datetime | None = None
-        try:
-            since = db_now()
-            submitted = sample_request_submit(
-                persona=persona,
-                count=form.cleaned_data["count"],
-                device=form.cleaned_data["device"],
-                user=request.user,
-                source=RequestSource.ADMIN,
-            )
-        except RequestAlreadyActive as exc:
-            self.message_user(request, f"Already queued: {exc} Nothing new was queued.", messages.WARNING)
-        except NoDeviceAvailable as exc:
-            self.message_user(request, f"Nothing was queued. {exc}", messages.ERROR)
-        except DATABASE_ERRORS as exc:
-            # The submit's transaction rolled back, unless only the reply to its COMMIT was lost.
-            saved = _saved_after_all(persona, request.user, since)
-            if saved is None:
-                return self._database_failed(request, exc, object_id, "nothing was queued")
-            log.warning("generate for persona %s: %s", persona.pk, exc, exc_info=True)
-            self.message_user(request, _saved_late_message(exc, saved, persona), messages.WARNING)
-        else:
-            level, text = submitted_message(submitted)
-            self.message_user(request, text, level)
-        return back
+        return admin_views.generate_view(self, request, object_id)
 
     def progress_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        try:
-            return self._progress(request, object_id)
-        except DATABASE_ERRORS as exc:
-            # The page polls every 1.5 s: a database restart must read as "not updating, retrying"
-            # there (the script backs off on any error status), not as a 500 in the error log.
-            log.warning("progress of persona %s: %s", object_id, database_error_text(exc))
-            response = JsonResponse({"error": database_error_message(exc, "progress is not updating")}, status=503)
-            response["Retry-After"] = "5"
-            return response
-
-    def _progress(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        persona = self.get_object(request, unquote(object_id))
-        if persona is None:
-            raise Http404("No such persona.")
-        if not self.has_view_permission(request, persona):
-            raise PermissionDenied
-        latest = persona_latest_request(persona=persona)
-        if latest is None:
-            return JsonResponse({"id": None, "persona": persona.pk, "active": False, "images": [], "attempts": []})
-        return JsonResponse(request_progress(request=latest))
+        return admin_views.progress_view(self, request, object_id)
 
     def cancel_view(self, request: HttpRequest, object_id: str, request_id: int) -> HttpResponse:
-        try:
-            return self._cancel(request, object_id, request_id)
-        except DATABASE_ERRORS as exc:  # reading the persona or the request
-            return self._database_failed(request, exc, object_id, "nothing was cancelled")
-
-    def _cancel(self, request: HttpRequest, object_id: str, request_id: int) -> HttpResponse:
-        persona = self.get_object(request, unquote(object_id))
-        if persona is None:
-            raise Http404("No such persona.")
-        if not self.has_change_permission(request, persona):
-            raise PermissionDenied
-        sample_request = SampleRequest.objects.filter(pk=request_id, persona=persona).first()
-        if sample_request is None:
-            raise Http404("No such sample request for this persona.")
-        back = HttpResponseRedirect(reverse("admin:personas_persona_change", args=[persona.pk]))
-        was_active = sample_request.is_active
-        try:
-            cancelled = sample_request_cancel(request=sample_request)
-            progress = request_progress(request=sample_request)
-        except DATABASE_ERRORS as exc:
-            with contextlib.suppress(*DATABASE_ERRORS):  # its COMMIT may have gone through, only the reply lost
-                sample_request.refresh_from_db(fields=["state"])
-            if not (was_active and sample_request.state == RequestState.CANCELLED):
-                return self._database_failed(request, exc, object_id, "nothing was cancelled")
-            log.warning("cancel of request %s: %s", sample_request.pk, exc, exc_info=True)
-            text = f"The database answered late ({database_error_text(exc)}), but the request was cancelled."
-            self.message_user(request, text, messages.WARNING)
-            return back
-        if not was_active or sample_request.state != RequestState.CANCELLED:
-            self.message_user(
-                request,
-                f"Nothing was cancelled: the request for {sample_request.count} images is already "
-                f"{sample_request.get_state_display().lower()}.",
-                messages.WARNING,
-            )
-            return back
-        running = (
-            f" {progress['running']} running job(s) will finish and keep their images." if progress["running"] else ""
-        )
-        self.message_user(
-            request,
-            f"Cancelled the request for {sample_request.count} images of {persona}: {cancelled} queued job(s) "
-            f"cancelled on every device; the {progress['done']} image(s) already made are kept.{running}",
-            messages.SUCCESS,
-        )
-        return back
+        return admin_views.cancel_view(self, request, object_id, request_id)
 
     @admin.action(description="Regenerate sample images", permissions=["change"])
     def regenerate_samples(self, request: HttpRequest, queryset: QuerySet[Persona]) -> None:
-        submitted: list[Submitted] = []
-        already: list[str] = []
-        refused: defaultdict[str, list[Persona]] = defaultdict(list)
-        faults: list[tuple[int, str]] = []
-        try:
-            personas = list(queryset)
-        except DATABASE_ERRORS as exc:
-            log.warning("regenerate action: %s", exc, exc_info=True)
-            self.message_user(request, database_error_message(exc, "nothing was queued"), messages.ERROR)
-            return
-        for position, persona in enumerate(personas):
-            since: datetime | None = None
-            try:
-                since = db_now()
-                submitted.append(
-                    sample_request_submit(
-                        persona=persona,
-                        count=persona.default_sample_count,
-                        user=request.user,
-                        source=RequestSource.ACTION,
-                    )
-                )
-            except RequestAlreadyActive as exc:
-                already.append(str(exc))
-            except (NoDeviceAvailable, ValidationError) as exc:
-                reason = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
-                refused[reason].append(persona)
-            except DATABASE_ERRORS as exc:
-                # Stop here: what was queued before stands (one transaction per persona); the
-                # rest would most likely meet the same fault.
-                log.warning("regenerate action at persona %s: %s", persona.pk, exc, exc_info=True)
-                rest = personas[position:]
-                saved = _saved_after_all(persona, request.user, since)
-                if saved is not None:
-                    faults.append((messages.WARNING, _saved_late_message(exc, saved, persona)))
-                    rest = rest[1:]
-                if rest:
-                    outcome = f"nothing was queued for {_names(rest)}"
-                    faults.append((messages.ERROR, database_error_message(exc, outcome)))
-                break
-        if submitted:
-            level, text = submitted_message(*submitted)
-            self.message_user(request, text, level)
-        if already:
-            self.message_user(
-                request, f"Already queued, nothing new was queued for them: {' '.join(already)}", messages.WARNING
-            )
-        for reason, group in refused.items():
-            self.message_user(request, f"Nothing was queued for {_names(group)}. {reason}", messages.ERROR)
-        for level, text in faults:
-            self.message_user(request, text, level)
+        admin_views.regenerate_samples(self, request, queryset)
 
     def image_view(self, request: HttpRequest, image_id: int) -> HttpResponseBase:
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()
@@ -443,3 +262,151 @@ class SampleRequestAdmin(OutOfRangeLookupMixin):
     def persona_link(self, obj: SampleRequest) -> str:
         url = reverse("admin:personas_persona_change", args=[obj.persona_id])
         return format_html('<a href="{}">{}</a>', url, obj.persona.name)
+
+
+class ImageModelForm(forms.ModelForm):  # type: ignore[type-arg]
+    """An image model's fields, checked as a worker would read them; the default must stay enabled.
+    Default is the form's own field: with the model's, the form would check the one-default constraint
+    first and refuse every new default (saving unsets the previous default in the same transaction)."""
+
+    default = forms.BooleanField(
+        required=False, label="Default", help_text=ImageModel._meta.get_field("is_default").help_text
+    )
+
+    class Meta:
+        model = ImageModel
+        fields = [
+            "name",
+            "source",
+            "enabled",
+            "width",
+            "height",
+            "steps",
+            "guidance_scale",
+            "scheduler",
+            "dtype",
+            "safety_checker",
+        ]
+        error_messages = {
+            "scheduler": {
+                "invalid_choice": "%(value)s is not a scheduler diffusers ships: pick one from the list, or leave "
+                "it empty for the scheduler the model was saved with."
+            },
+            "dtype": {"invalid_choice": "%(value)s is not a dtype: pick auto, float16, bfloat16 or float32."},
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial.setdefault("default", self.instance.is_default)
+
+    def clean_source(self) -> str:
+        return source_check(self.cleaned_data["source"])
+
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        data = self.cleaned_data
+        for field, message in size_errors(data.get("width"), data.get("height")).items():
+            if field in data:
+                self.add_error(field, message)
+        stored_default = ImageModel.objects.filter(pk=self.instance.pk or 0, is_default=True).exists()
+        if stored_default and not data.get("default"):
+            self.add_error(
+                "default",
+                "One model is always the default: to change it, open the model that should be the default and "
+                "tick Default there.",
+            )
+        elif data.get("default") and not data.get("enabled"):
+            self.add_error(
+                "enabled",
+                "The default model cannot be disabled: make another model the default first, then disable this one."
+                if stored_default
+                else "A model made the default must be enabled: tick Enabled too, or leave Default unticked.",
+            )
+        return data
+
+
+@admin.register(ImageModel)
+class ImageModelAdmin(OutOfRangeLookupMixin):
+    form = ImageModelForm
+    list_display = [
+        "name",
+        "source",
+        "size",
+        "steps",
+        "scheduler_name",
+        "safety_checker",
+        "enabled",
+        "is_default",
+        "persona_total",
+    ]
+    list_filter = ["enabled", "safety_checker", "dtype"]
+    search_fields = ["name", "source"]
+    readonly_fields = ["key", "created", "updated"]
+    fieldsets = [
+        (None, {"fields": ["name", "source", "enabled", "default"]}),
+        ("How images are made", {"fields": ["width", "height", "steps", "guidance_scale", "scheduler", "dtype"]}),
+        ("Safety", {"fields": ["safety_checker"]}),
+        ("Record", {"classes": ["collapse"], "fields": ["key", "created", "updated"]}),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ImageModel]:
+        used = Persona.objects.filter(image_model=OuterRef("pk")).values("image_model").annotate(n=Count("pk"))
+        return super().get_queryset(request).annotate(persona_total=Subquery(used.values("n")))
+
+    @admin.display(description="Size")
+    def size(self, obj: ImageModel) -> str:
+        return f"{obj.width}x{obj.height}" if obj.width and obj.height else "the model's own"
+
+    @admin.display(description="Scheduler", ordering="scheduler")
+    def scheduler_name(self, obj: ImageModel) -> str:
+        return obj.scheduler or "the model's own"
+
+    @admin.display(description="Personas", ordering="persona_total")
+    def persona_total(self, obj: ImageModel) -> int:
+        return getattr(obj, "persona_total", None) or 0
+
+    @admin.display(description="Key")
+    def key(self, obj: ImageModel) -> str:
+        # What requests made now record and what workers, cost curves and placement know it by.
+        return model_key(spec_of(obj)) if obj.pk else "(given on save)"
+
+    def save_model(self, request: HttpRequest, obj: ImageModel, form: Any, change: bool) -> None:
+        obj.is_default = form.cleaned_data["default"]
+        image_model_save(image_model=obj)
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        obj = self.get_object(request, unquote(object_id))
+        allowed = obj is not None and self.has_delete_permission(request, obj)
+        refusal = image_model_delete_refusal(image_model=obj) if allowed else None
+        try:
+            if refusal is None:
+                return super().delete_view(request, object_id, extra_context)
+        except ModelNotDeletable as exc:  # made the default or chosen by a persona since the check
+            refusal = str(exc)
+        self.message_user(request, refusal, messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:personas_imagemodel_change", args=[object_id]))
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, Any], set[Any], list[Any]]:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        # The bulk delete's page lists what stops it; a default model stops it too.
+        refusals = [image_model_delete_refusal(image_model=obj) for obj in objs if obj.is_default]
+        return deleted, counts, perms_needed, [*protected, *filter(None, refusals)]
+
+    def delete_model(self, request: HttpRequest, obj: ImageModel) -> None:
+        image_models_delete(image_models=[obj])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ImageModel]) -> None:
+        image_models_delete(image_models=list(queryset))
+
+    def response_action(self, request: HttpRequest, queryset: QuerySet[ImageModel]) -> HttpResponse | None:
+        # One transaction: a refused bulk delete leaves no "deleted" entries in the admin's log.
+        try:
+            with transaction.atomic():
+                return super().response_action(request, queryset)
+        except ModelNotDeletable as exc:
+            self.message_user(request, f"Nothing was deleted. {exc}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())

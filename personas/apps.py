@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -11,16 +13,28 @@ class PersonasConfig(AppConfig):
         from django.core import checks
 
         from config.storage import check_samples_storage
-        from gpuscheduler import housekeeping
+        from gpuscheduler import housekeeping, metrics, workloads
         from personas.integrity import SWEEP_SECONDS
+        from personas.metrics import request_metrics
 
         checks.register(check_samples_storage)
 
-        # The scheduler sits below this app: it runs the sweep without importing personas.
+        # The scheduler sits below this app: it runs the sweep, and learns which model a worker
+        # warms, calibrates and runs its canary with, without importing personas.
         housekeeping.register("samples-orphans", SWEEP_SECONDS, _sweep)
+        workloads.register_default_model(_default_model)
+        # /metrics (gpuscheduler) adds request latency, which only this app knows, to each scrape.
+        metrics.register_collector("personas", request_metrics)
 
 
 def _sweep() -> object:
     from personas.integrity import samples_sweep
 
     return samples_sweep()
+
+
+def _default_model() -> tuple[str, dict[str, Any]]:
+    from personas.image_models import default_model, spec_of
+
+    spec = spec_of(default_model())
+    return spec["key"], spec

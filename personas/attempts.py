@@ -2,28 +2,18 @@
 
 The database decides which files live. Files are written first, through the samples storage (whole
 or not at all: config/storage.py), and rows second, in one transaction with the attempt's RUNNING ->
-SUCCEEDED claim. Whatever goes wrong around that commit, the worker never removes files because
-of a local exception alone: it asks the database (on a fresh connection) how its attempt ended.
-A succeeded attempt keeps its files, even when the COMMIT's reply never arrived; an attempt that
-is definitely not succeeded has its files removed, here or later by the reconciler, which goes
-by the attempt's state only.
-
-The attempts of one pipeline call (personas/batch.py) commit in one transaction, for speed (a
-transaction per attempt cost more than the rest of the job): each still makes its own conditional
-claim, so one that lost its lease is left out and its files removed while the others commit, and
-since they commit together, one attempt found SUCCEEDED after a fault means all the winners are.
+SUCCEEDED claim, shared by the attempts of one pipeline call (personas/batch.py). That commit, and
+what the worker does when it fails or its reply is lost, live in personas/commit.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from django.core.files.storage import Storage
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError
 
 from config.storage import (
     SaveError,
@@ -35,24 +25,20 @@ from config.storage import (
 )
 from gpuscheduler import assignments as scheduler
 from gpuscheduler import batching, costs
-from gpuscheduler.conf import lease, samples_config
+from gpuscheduler.conf import samples_config
 from gpuscheduler.curves import Timing
-from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, read_with_reconnect
-from gpuscheduler.models import Assignment, AssignmentState, Device
+from gpuscheduler.models import Assignment, Device
 from gpuscheduler.storage import store_fault_simulate, store_report_error
 from personas.batch import Member, batch_gather, batch_generate
+from personas.commit import CallSummary, Written, commit_call, commit_written, record_failure, remove_files
 from personas.imagegen import AttemptLost, GeneratedImage, GenerationResult
 from personas.models import SampleImage, SampleRequest
-from personas.services import sample_image_path, sample_requests_refresh
+from personas.services import sample_image_path
 
 if TYPE_CHECKING:
     from gpuscheduler.heartbeat import WorkerContext
 
 log = logging.getLogger(__name__)
-
-# A commit whose connection failed is tried again this many times while the attempt still
-# holds its lease (a failover or a pooler reset usually heals within seconds).
-COMMIT_TRIES = 5
 
 
 class StorageFault(Exception):
@@ -65,19 +51,9 @@ class StorageFault(Exception):
         super().__init__(f"{storage_error_text(error)}: {name}")
 
 
-@dataclass
-class _Written:
-    """An attempt's images, stored under their final names, and their rows (not yet committed)."""
-
-    assignment: Assignment
-    request: SampleRequest
-    names: list[str]
-    rows: list[SampleImage]
-
-
 def _write_files(
     pending: list[tuple[Member, list[GeneratedImage]]], *, device: Device
-) -> tuple[list[_Written], StorageFault | None]:
+) -> tuple[list[Written], StorageFault | None]:
     """Write every attempt's PNGs durably under their final names, in order, their fsyncs together
     (config/storage.py). Returns the attempts whose files are all written; on a storage error, the
     error as a StorageFault too: the attempts from the one it struck on have no file left."""
@@ -106,15 +82,15 @@ def _write_files(
         saved = storage_save_all(storage, files)
     except SaveError as exc:
         refused, saved = (exc.name, exc.error), exc.saved
-    written: list[_Written] = []
+    written: list[Written] = []
     for member, images in pending:
         names, saved = saved[: len(images)], saved[len(images) :]
         if len(names) < len(images):
-            _remove(storage, names)  # the refused file's attempt: nothing of it was committed
+            remove_files(storage, names)  # the refused file's attempt: nothing of it was committed
             break
         pairs = enumerate(zip(names, images, strict=True))
         rows = [_row(member, offset, name, image, device) for offset, (name, image) in pairs]
-        written.append(_Written(assignment=member.assignment, request=member.request, names=names, rows=rows))
+        written.append(Written(assignment=member.assignment, request=member.request, names=names, rows=rows))
     if refused is None:
         return written, None
     name, error = refused
@@ -140,128 +116,6 @@ def _row(member: Member, offset: int, name: str, image: GeneratedImage, device: 
     )
 
 
-def _remove(storage: Storage, names: list[str]) -> None:
-    """Remove files of an attempt that did not commit; one that cannot be removed now is an orphan,
-    which the sweep removes once the store answers again."""
-    for name in names:
-        try:
-            storage.delete(name)
-        except storage_errors() as exc:
-            log.error("could not remove %s, left for the orphan sweep: %s", name, exc)
-
-
-@dataclass(frozen=True)
-class _Call:
-    """What every attempt of one pipeline call records about it."""
-
-    calls: int
-    peak_memory: int | None
-    note: str = ""
-    pipeline_call_id: int | None = None
-
-
-def _commit_rows(written: list[_Written], call: _Call) -> set[int]:
-    """One transaction for the call: each attempt's own conditional RUNNING -> SUCCEEDED claim, and
-    the rows of the attempts that won it. Returns the ids of those."""
-    connection_ensure_usable()
-    won: set[int] = set()
-    with transaction.atomic():
-        for item in written:
-            if scheduler.assignment_succeed(
-                assignment_id=item.assignment.pk,
-                calls=call.calls,
-                peak_memory=call.peak_memory,
-                note=call.note,
-                pipeline_call_id=call.pipeline_call_id,
-            ):
-                won.add(item.assignment.pk)
-        SampleImage.objects.bulk_create([row for item in written if item.assignment.pk in won for row in item.rows])
-    return won
-
-
-def _states_after_fault(assignment_ids: list[int]) -> dict[int, str]:
-    """How the attempts stand in the database, read on a new connection; raises a connection error
-    when the database stays unreachable for a lease (by then the reconciler decides)."""
-    return read_with_reconnect(
-        lambda: dict(Assignment.objects.filter(pk__in=assignment_ids).values_list("pk", "state")),
-        seconds=lease().total_seconds(),
-    )
-
-
-def _commit_written(written: list[_Written], call: _Call, *, keep_on_error: bool = False) -> set[int]:
-    """Commit attempts whose files are written, in one transaction; returns the ids of those the
-    database has (also when a COMMIT's reply was lost but the COMMIT was applied). The files of the
-    attempts that had lost their leases are removed.
-
-    A fault is raised once the database has said that none of them succeeded, their files removed;
-    with `keep_on_error` an error of the statements themselves (a constraint, a timeout) leaves the
-    files, for the caller to commit the attempts again one by one.
-    """
-    ids = [item.assignment.pk for item in written]
-    for attempt in range(1, COMMIT_TRIES + 1):
-        try:
-            won = _commit_rows(written, call)
-            break
-        except BaseException as exc:
-            try:
-                states = _states_after_fault(ids)
-            except CONNECTION_ERRORS:
-                # Unknown outcome: leave the files. If the attempts never committed, the
-                # reconciler abandons them once their leases run out and removes them then.
-                log.error(
-                    "assignments %s: the database does not answer after a failed commit (%s); their files stay "
-                    "until the database says how the attempts ended",
-                    ids,
-                    exc,
-                )
-                raise exc from None
-            # One transaction: an attempt of it that succeeded means the COMMIT was applied.
-            won = {pk for pk in ids if states.get(pk) == AssignmentState.SUCCEEDED}
-            if won:
-                log.warning(
-                    "assignments %s: the commit raised %s after the database had applied it: their images are kept",
-                    sorted(won),
-                    type(exc).__name__,
-                )
-                if not isinstance(exc, Exception):
-                    _drop_losers(written, won)
-                    raise  # a stop request: the images are safe, let it through
-                break
-            retryable = isinstance(exc, CONNECTION_ERRORS) and AssignmentState.RUNNING in states.values()
-            if retryable and attempt < COMMIT_TRIES:
-                log.warning("assignments %s: commit failed (%s); committing again on a new connection", ids, exc)
-                time.sleep(min(0.5 * attempt, 2.0))
-                continue
-            # Definitely not committed: the transaction is gone.
-            if not (keep_on_error and isinstance(exc, Exception) and not isinstance(exc, CONNECTION_ERRORS)):
-                for item in written:
-                    _remove(samples_storage(), item.names)
-            raise
-    _drop_losers(written, won)
-    winners = [item for item in written if item.assignment.pk in won]
-    sample_requests_refresh(
-        request_ids={item.request.pk for item in winners},
-        # A winner that makes every image of its request (a request of one chunk) completes it.
-        complete={item.request.pk for item in winners if _covers(item.assignment, item.request)},
-    )
-    return won
-
-
-def _covers(attempt: Assignment, request: SampleRequest) -> bool:
-    return attempt.first_index == 0 and attempt.image_count >= request.count
-
-
-def _drop_losers(written: list[_Written], won: set[int]) -> None:
-    for item in written:
-        if item.assignment.pk not in won:
-            log.warning(
-                "job %s lost its lease before committing: its %d images are dropped",
-                item.assignment.job_id,
-                len(item.rows),
-            )
-            _remove(samples_storage(), item.names)
-
-
 def sample_images_commit(
     *,
     assignment: Assignment,
@@ -283,8 +137,8 @@ def sample_images_commit(
     written, fault = _write_files([(Member(assignment, request), images)], device=device)
     if fault is not None:
         raise fault
-    call = _Call(calls=calls, peak_memory=peak_memory, note=note, pipeline_call_id=pipeline_call_id)
-    return assignment.pk in _commit_written(written, call)
+    call = CallSummary(calls=calls, peak_memory=peak_memory, note=note, pipeline_call_id=pipeline_call_id)
+    return assignment.pk in commit_written(written, call)
 
 
 def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict[str, object]:
@@ -310,7 +164,7 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
         members = batch_gather(first=assignment, request=request, context=context)
         started = time.monotonic()
         try:
-            result = batch_generate(members, context=context, guidance=float(config["GUIDANCE"]))
+            result = batch_generate(members, context=context)
         except AttemptLost:
             return {"assignment": assignment_id, "abandoned": True}
         except Exception as exc:
@@ -318,7 +172,7 @@ def sample_assignment_run(*, assignment_id: int, context: WorkerContext) -> dict
             # errors: record, free the device's memory and let another attempt try.
             context.generator.free_memory()
             for member in members:
-                _fail(member.assignment.pk, context, exc)
+                record_failure(member.assignment.pk, context, exc)
             raise
         generated = time.monotonic()
         call_id = record_calls(context=context, model=request.model, steps=request.steps, timings=result.timings)
@@ -366,7 +220,7 @@ def _commit_members(
     the transaction fails for good the attempts are committed one by one, so an error fails its
     attempt alone (and is raised at the end)."""
     outcome = _Outcome()
-    call = _Call(
+    call = CallSummary(
         calls=result.calls,
         peak_memory=result.peak_memory,
         note="\n".join(result.notes),
@@ -386,7 +240,7 @@ def _commit_members(
             written, fault = _write_files(pending, device=context.device)
         except Exception as exc:
             for member, _ in pending:
-                _fail(member.assignment.pk, context, exc)  # nothing of the call was committed
+                record_failure(member.assignment.pk, context, exc)  # nothing of the call was committed
             outcome.error = exc
             return outcome
         if fault is not None:
@@ -395,38 +249,12 @@ def _commit_members(
                 _storage_fault(member.assignment.pk, context, fault)
                 context.settle(member.assignment.pk)
         if written:
-            _commit_call(written, call, context=context, outcome=outcome)
+            committed, outcome.error = commit_call(written, call, context=context)
+            outcome.committed.update(committed)
     finally:
         for member in members:
             context.settle(member.assignment.pk)
     return outcome
-
-
-def _commit_call(written: list[_Written], call: _Call, *, context: WorkerContext, outcome: _Outcome) -> None:
-    try:
-        won = _commit_written(written, call, keep_on_error=len(written) > 1)
-    except CONNECTION_ERRORS:
-        raise  # the database is gone: the reconciler decides once the leases run out
-    except Exception as exc:
-        if len(written) == 1:
-            _fail(written[0].assignment.pk, context, exc)  # definitely not committed (a constraint, a timeout)
-            outcome.error = outcome.error or exc
-            return
-        log.warning("the commit of %d attempts failed (%s): committing them one by one", len(written), exc)
-        won = set()
-        for item in written:
-            try:
-                won |= _commit_written([item], call)
-            except CONNECTION_ERRORS:
-                raise
-            except Exception as one:
-                _fail(item.assignment.pk, context, one)
-                outcome.error = outcome.error or one
-                continue
-            outcome.committed[item.assignment.pk] = item.assignment.pk in won
-        return
-    for item in written:
-        outcome.committed[item.assignment.pk] = item.assignment.pk in won
 
 
 def record_calls(*, context: WorkerContext, model: str, steps: int, timings: list[Timing]) -> int | None:
@@ -439,12 +267,6 @@ def record_calls(*, context: WorkerContext, model: str, steps: int, timings: lis
     except DatabaseError:
         log.exception("could not record a pipeline call's timing on %s", context.device.label)
     return call_id
-
-
-def _fail(assignment_id: int, context: WorkerContext, exc: BaseException) -> None:
-    error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
-    retry = scheduler.assignment_fail(assignment_id=assignment_id, error=error, retryable=True)
-    log.error("assignment %s failed on %s: %s (retry: %s)", assignment_id, context.device.label, exc, retry)
 
 
 def _storage_fault(assignment_id: int, context: WorkerContext, exc: StorageFault) -> None:

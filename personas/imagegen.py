@@ -1,20 +1,20 @@
-"""The diffusers adapter and the per-process pipeline cache.
+"""The image generator of a worker: it makes images from a request's model spec on one device.
 
-This is the only module that imports torch and diffusers, and only inside functions: the web
-process imports it for nothing but the torch-free names (OutOfMemory, parse_model) and never
-creates a CUDA context. A worker keeps one Generator for its device; pipelines load once per
-worker and model and stay warm for every later job.
+A worker keeps one Generator for its device; the Generator keeps that device's pipelines loaded
+between jobs in a bounded cache, several models at once (personas/pipelines.py), and makes each
+call from the model the request recorded (SampleRequest.model_spec): its source, dtype, size,
+scheduler, safety checker, steps and guidance, whatever the worker's own settings say.
 
-SAMPLES_MODEL values:
-- ``tiny`` (default): a random-weight StableDiffusionPipeline built in code (no downloads),
-  saved once under DATA_DIR/models and from then on loaded with from_pretrained like a real one;
-- a local diffusers directory (loaded with local_files_only=True);
-- a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network access);
-- ``simulated:SECONDS``: no diffusion; each image takes SECONDS / device speed and is a
-  deterministic placeholder PNG drawn from its seed (for scheduling tests and benchmarks);
-- ``simulated-h100:SECONDS``: the same, but a call's time follows the H100's measured curve
-  (shared/notes/gpu-measurements.md): a call of 1 image takes SECONDS / speed, calls of 4, 8 and
-  16 take 1.02x, 1.20x and 2.32x that, with a few percent of noise (for the batching work).
+torch and diffusers are imported inside functions only: the web process imports this module for
+nothing but the torch-free names (OutOfMemory, parse_model, ModelError) and never creates a CUDA
+context.
+
+Model sources are checked in personas/model_sources.py and loaded in personas/pipelines.py. The
+simulated ones make no diffusion: ``simulated:SECONDS`` takes SECONDS / device speed per image and
+draws a deterministic placeholder PNG from each seed (for scheduling tests and benchmarks);
+``simulated-h100:SECONDS`` follows the H100's measured curve instead (shared/notes/gpu-measurements.md):
+a call of 1 image takes SECONDS / speed, calls of 4, 8 and 16 take 1.02x, 1.20x and 2.32x that,
+with a few percent of noise (for the batching work).
 
 Every pipeline call is timed (the call alone, not loading the model or encoding the PNGs) and
 returned in GenerationResult.timings; the worker records them and the scheduler learns each
@@ -24,7 +24,6 @@ device's cost curve from them (gpuscheduler/costs.py). A simulated device's spee
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import hashlib
 import io
@@ -32,23 +31,33 @@ import itertools
 import logging
 import os
 import random
-import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
-
-from django.conf import settings
+from typing import Any
 
 from gpuscheduler.curves import Timing
+from gpuscheduler.device_models import ModelEvents
 from personas import compiled
+from personas.model_sources import SIMULATED_PREFIXES as SIMULATED_PREFIXES
+from personas.model_sources import ModelDirectoryMissing as ModelDirectoryMissing
+from personas.model_sources import ModelError as ModelError
+from personas.model_sources import ModelSpec as ModelSpec
+from personas.model_sources import parse_model as parse_model
+from personas.pipelines import ImageSpec, PipelineCache
+from personas.pipelines import load_pipeline as load_pipeline
+from personas.tiny_model import TINY_MODEL_VERSION as TINY_MODEL_VERSION
+from personas.tiny_model import build_sd15_shaped_pipeline as build_sd15_shaped_pipeline
+from personas.tiny_model import build_tiny_pipeline as build_tiny_pipeline
+from personas.tiny_model import tiny_model_dir as tiny_model_dir
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_VERSION = "tiny-sd-v1"
+# A model as callers name it: a request's recorded spec, a key this generator has loaded, or a bare
+# source (SAMPLES_MODEL, a request made before models were data).
+Model = ImageSpec | ModelSpec | Mapping[str, Any] | str
 
 
 class OutOfMemory(Exception):
@@ -57,22 +66,6 @@ class OutOfMemory(Exception):
 
 class AttemptLost(Exception):
     """The attempt's lease was taken away mid-run: stop, its images would be dropped anyway."""
-
-
-class ModelError(Exception):
-    """SAMPLES_MODEL cannot be loaded; the message says why and what to set instead."""
-
-
-class ModelDirectoryMissing(ModelError):
-    """SAMPLES_MODEL names a local directory that holds no diffusers model on this host."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    kind: str  # "tiny", "local", "hub" or "simulated"
-    value: str
-    seconds: float = 0.0
-    curve: str = "linear"  # simulated models: "linear" (simulated:) or "h100" (simulated-h100:)
 
 
 # The H100's measured call times relative to a call of one image (1.23 s for 1 image, 1.26 s for
@@ -92,45 +85,6 @@ def h100_call_factor(images: int) -> float:
             return y0 + (y1 - y0) * (images - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]
     return y1 + (y1 - y0) / (x1 - x0) * (images - x1)
-
-
-SIMULATED_PREFIXES = {"simulated:": "linear", "simulated-h100:": "h100"}
-
-
-def parse_model(text: str) -> ModelSpec:
-    """Validate a SAMPLES_MODEL value without importing torch."""
-    text = text.strip()
-    if not text:
-        raise ModelError("SAMPLES_MODEL is empty: use 'tiny', a local diffusers directory or a hub id.")
-    if text == "tiny":
-        return ModelSpec("tiny", text)
-    for prefix, curve in SIMULATED_PREFIXES.items():
-        if text.startswith(prefix):
-            try:
-                seconds = float(text.split(":", 1)[1]) if text.isascii() else -1
-            except ValueError:
-                seconds = -1
-            if not 0 <= seconds <= 3600:
-                raise ModelError(
-                    f"SAMPLES_MODEL={text!r}: the seconds after {prefix!r} must be a number from 0 to 3600."
-                )
-            return ModelSpec("simulated", text, seconds, curve)
-    path = Path(text).expanduser()
-    if path.is_absolute() or text.startswith("."):
-        if not (path / "model_index.json").is_file():
-            raise ModelDirectoryMissing(
-                f"SAMPLES_MODEL={text!r} is not a diffusers directory (no model_index.json): "
-                "point it at a folder saved with save_pretrained()."
-            )
-        return ModelSpec("local", str(path.resolve()))
-    if text.count("/") == 1 and all(
-        part.replace("-", "").replace("_", "").replace(".", "").isalnum() for part in text.split("/")
-    ):
-        return ModelSpec("hub", text)
-    raise ModelError(
-        f"SAMPLES_MODEL={text!r} is neither 'tiny', 'simulated:SECONDS', 'simulated-h100:SECONDS', an absolute "
-        "path to a diffusers directory nor a hub id like 'owner/model'."
-    )
 
 
 @dataclass(frozen=True)
@@ -175,19 +129,43 @@ class Target:
 
 
 class Generator:
-    """Makes images on one device, keeping each model's pipeline loaded between jobs."""
+    """Makes images on one device, keeping the pipelines of its recent models loaded between jobs."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, events: ModelEvents | None = None, *, capacity: int | None = None) -> None:
         self.target = target
-        self._pipelines: dict[str, Any] = {}
-        self.loads = 0
+        self.cache = PipelineCache(target, events, capacity=capacity)
+        self._specs: dict[str, ImageSpec] = {}  # every model this generator was asked for, by key
+
+    @property
+    def events(self) -> ModelEvents:
+        return self.cache.events
+
+    @events.setter
+    def events(self, events: ModelEvents) -> None:
+        self.cache.events = events
+
+    @property
+    def loads(self) -> int:
+        return self.cache.loads
+
+    def spec_for(self, model: Model) -> ImageSpec:
+        """The spec of `model`; a string is a key this generator was given before, else a bare source."""
+        if isinstance(model, str) and model.strip() in self._specs:
+            return self._specs[model.strip()]
+        spec = ImageSpec.of(model)
+        self._specs[spec.key] = spec
+        return spec
+
+    def warm_models(self) -> list[str]:
+        """The keys of the models whose pipelines are loaded, the most recently used first."""
+        return self.cache.models()
 
     def generate(
         self,
         *,
-        model: str,
-        steps: int,
-        guidance: float,
+        model: Model,
+        steps: int | None = None,
+        guidance: float | None = None,
         prompt: str = "",
         negative_prompt: str = "",
         seeds: Sequence[int] = (),
@@ -196,8 +174,13 @@ class Generator:
     ) -> GenerationResult:
         """Make one image per seed (all from `prompt`), or one per item of `items` (each with its own
         prompt, negative prompt and seed: images of several requests batched into one call), in as
-        few pipeline calls as memory allows (normally one). Every call is timed."""
-        spec = parse_model(model)
+        few pipeline calls as memory allows (normally one), with the model's steps and guidance
+        unless given. Every call is timed; loading the model is not part of any call's time."""
+        spec = self.spec_for(model)
+        steps = spec.steps if steps is None else int(steps)
+        guidance = spec.guidance_scale if guidance is None else float(guidance)
+        loaded = self.cache.get(spec)  # ModelError when it does not load: recorded as this pair's
+        source = loaded.source
         result = GenerationResult(images=[])
         pending = list(items) if items is not None else [Prompt(int(s), prompt, negative_prompt) for s in seeds]
         limit = len(pending)
@@ -205,25 +188,31 @@ class Generator:
             batch = pending[:limit]
             try:
                 with self._device_busy(len(batch)):
-                    self._apply_faults(len(batch), spec)
+                    self._apply_faults(len(batch), source)
                     started = time.perf_counter()
-                    if spec.kind == "simulated":
-                        images = self._simulated_call(spec, batch, alive)
+                    if source.kind == "simulated":
+                        images = self._simulated_call(source, batch, alive)
                     elif compiled.compile_enabled():
                         # A compiled UNet runs fixed shapes: pad the call to its bucket, drop the extras.
                         size = compiled.bucket_for(len(batch), compiled.buckets())
                         full = compiled.padded(batch, size)
-                        images = self._pipeline_call(spec, full, steps, guidance, alive, result)[: len(batch)]
+                        images = self._pipeline_call(loaded.pipe, spec, full, steps, guidance, alive, result)
+                        images = images[: len(batch)]
                     else:
-                        images = self._pipeline_call(spec, batch, steps, guidance, alive, result)
+                        images = self._pipeline_call(loaded.pipe, spec, batch, steps, guidance, alive, result)
                     seconds = time.perf_counter() - started - result.encode_seconds
                     result.encode_seconds = 0.0
             except OutOfMemory as exc:
                 self.free_memory()
-                if limit == 1:
+                why = f"out of memory in a call of {len(batch)} images of {spec.name}"
+                if self.cache.evict_other(keep=spec.recipe, why=why):
+                    # Another model's pipeline made room: try the same call again before splitting it.
+                    note = f"out of memory at {len(batch)} images per call; evicted another model ({exc})"
+                elif limit == 1:
                     raise OutOfMemory(f"out of memory even for one image per call: {exc}") from exc
-                limit = max(1, limit // 2)
-                note = f"out of memory at {len(batch)} images per call; retrying at {limit} ({exc})"
+                else:
+                    limit = max(1, limit // 2)
+                    note = f"out of memory at {len(batch)} images per call; retrying at {limit} ({exc})"
                 log.warning(note)
                 result.notes.append(note)
                 continue
@@ -241,21 +230,20 @@ class Generator:
             pending = pending[len(batch) :]
         return result
 
-    def warm(self, model: str) -> None:
+    def warm(self, model: Model) -> None:
         """Load the model now, at worker start, rather than in the first job."""
-        spec = parse_model(model)
-        if self.target.kind == "simulated":
-            from gpuscheduler import simulated
+        spec = self.spec_for(model)
+        loaded = self.cache.get(spec)
+        if loaded.source.kind != "simulated" and compiled.compile_enabled():
+            # Compile each call-size bucket now, not in a request's first call of that size.
+            for size in compiled.buckets():
+                started = time.monotonic()
+                self.generate(model=spec, steps=2, guidance=1.0, prompt="warm-up", seeds=list(range(size)))
+                log.info("compiled for calls of %d in %.1f s", size, time.monotonic() - started)
 
-            time.sleep(float(simulated.faults(self.target.uuid).get("load_seconds", 0)))
-        if spec.kind != "simulated":
-            self.pipeline(spec)
-            if compiled.compile_enabled():
-                # Compile each call-size bucket now, not in a request's first call of that size.
-                for size in compiled.buckets():
-                    started = time.monotonic()
-                    self.generate(model=model, steps=2, guidance=1.0, prompt="warm-up", seeds=list(range(size)))
-                    log.info("compiled for calls of %d in %.1f s", size, time.monotonic() - started)
+    def pipeline(self, model: Model) -> Any:
+        """The model's pipeline, loaded if need be (None for a simulated model)."""
+        return self.cache.get(self.spec_for(model)).pipe
 
     # --- simulated model ------------------------------------------------------------------
 
@@ -270,25 +258,12 @@ class Generator:
                 raise AttemptLost("the attempt was abandoned while it ran")
         return [placeholder_image(item.seed) for item in batch]
 
-    # --- diffusers --------------------------------------------------------------------------
-
-    def pipeline(self, spec: ModelSpec) -> Any:
-        key = spec.value
-        if key not in self._pipelines:
-            started = time.monotonic()
-            pipe = load_pipeline(spec, self.target.torch_device)
-            self._pipelines[key] = compiled.compile_unet(pipe) if compiled.compile_enabled() else pipe
-            self.loads += 1
-            log.info("loaded %s on %s in %.2f s", key, self.target.torch_device, time.monotonic() - started)
-            if self.target.kind == "simulated":
-                from gpuscheduler import simulated
-
-                simulated.set_model_memory(self.target.uuid, 2 * 1024**3)
-        return self._pipelines[key]
+    # --- diffusers ---------------------------------------------------------------------------
 
     def _pipeline_call(
         self,
-        spec: ModelSpec,
+        pipe: Any,
+        spec: ImageSpec,
         batch: Sequence[Prompt],
         steps: int,
         guidance: float,
@@ -297,7 +272,6 @@ class Generator:
     ) -> list[GeneratedImage]:
         import torch
 
-        pipe = self.pipeline(spec)
         device = self.target.torch_device
         seeds = [item.seed for item in batch]
         # One generator per image: every image has its own recorded, reproducible seed, whatever
@@ -332,6 +306,7 @@ class Generator:
                     guidance_scale=guidance,
                     output_type="pil",
                     callback_on_step_end=on_step_end,
+                    **spec.size,
                 )
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(str(exc).splitlines()[0]) from exc
@@ -443,186 +418,3 @@ def placeholder_image(seed: int, size: int = 64) -> GeneratedImage:
         draw.ellipse((x0, y0, x1, y1), fill=tuple(digest[20 + i : 23 + i]))
     draw.text((3, size - 12), str(seed % 100000), fill=(255, 255, 255))
     return _encode(image, seed)
-
-
-# --- loading --------------------------------------------------------------------------------
-
-
-def _quiet() -> None:
-    """No progress bars or advice in worker logs."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
-def load_pipeline(spec: ModelSpec, device: str) -> Any:
-    """Load a StableDiffusion-style pipeline onto `device`: fp16 on CUDA, fp32 on the CPU."""
-    _quiet()
-    import torch
-    from diffusers import DiffusionPipeline
-
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    if spec.kind == "tiny":
-        source, local = str(tiny_model_dir()), True
-    elif spec.kind == "local":
-        source, local = spec.value, True
-    else:
-        source, local = spec.value, False
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
-    except Exception as exc:  # missing files, unknown pipeline classes, bad configs alike
-        raise ModelError(f"cannot load model {spec.value!r}: {type(exc).__name__}: {exc}") from exc
-    if hasattr(pipe, "safety_checker"):
-        pipe.safety_checker = None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def tiny_model_dir() -> Path:
-    """Build the tiny random-weight pipeline once per DATA_DIR (under a lock) and return its folder."""
-    root = Path(settings.DATA_DIR) / "models"
-    target = root / TINY_MODEL_VERSION
-    if (target / "model_index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{TINY_MODEL_VERSION}.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model_index.json").is_file():
-            building = root / f".{TINY_MODEL_VERSION}.building-{os.getpid()}"
-            shutil.rmtree(building, ignore_errors=True)
-            build_tiny_pipeline().save_pretrained(building)
-            os.replace(building, target)
-            log.info("built the tiny model in %s", target)
-    return target
-
-
-def build_tiny_pipeline() -> Any:
-    """A StableDiffusionPipeline with random weights at diffusers' own test sizes (64x64 images)."""
-    _quiet()
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
-    # An in-memory byte-level vocabulary: no tokenizer files to download.
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=len(vocab),
-        )
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-SD15_UNET = {
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}
-SD15_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "sample_size": 512,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-}
-
-
-def build_sd15_shaped_pipeline() -> Any:
-    """A Stable Diffusion 1.5-shaped pipeline with random weights (860 M-parameter UNet, 512 px),
-    built on the GPU where there is one, in fp16 there: for GPU benchmarks and checks offline."""
-    _quiet()
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tiny = build_tiny_pipeline()  # reuse its in-memory byte-level tokenizer
-    tokenizer = tiny.tokenizer
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                num_hidden_layers=12,
-                max_position_embeddings=77,
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
-    return StableDiffusionPipeline(
-        unet=cast(Any, unet).half() if device == "cuda" else unet,
-        vae=cast(Any, vae).half() if device == "cuda" else vae,
-        text_encoder=text_encoder.half() if device == "cuda" else text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from django.core.files.storage import Storage
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, OutputWrapper
 
 from config.storage import samples_storage, storage_local_path
 from gpuscheduler import services as scheduler
@@ -16,11 +19,12 @@ from gpuscheduler.conf import gpu_config
 from gpuscheduler.database import CONNECTION_ERRORS, connection_ensure_usable, connection_reset
 from gpuscheduler.heartbeat import Heartbeat, WorkerContext
 from gpuscheduler.models import AssignmentState, Device
+from gpuscheduler.placement_reads import device_views
 from gpuscheduler.policies import get_policy
-from gpuscheduler.selectors import device_views
 from gpuscheduler.worker import DeviceNotFound, bind_process, build_context, resolve_local_device
 from personas.attempts import sample_assignment_run
-from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestSource, SampleImage, SampleRequest
+from personas.image_models import ModelUnavailable
+from personas.models import ACTIVE_REQUEST_STATES, ImageModel, Persona, RequestSource, SampleImage, SampleRequest
 from personas.services import RequestAlreadyActive, sample_request_submit
 
 
@@ -45,10 +49,14 @@ class WaitReport:
         return cls(requests=requests, images=images, finished=finished, timed_out=timed_out)
 
     def as_dict(self, *, seconds: float) -> dict[str, Any]:
-        by_device: dict[str, int] = {}
+        # Each device by its label, as the admin and `gpustatus` name it, with its UUID beside it.
+        by_device: dict[str, dict[str, Any]] = {}
         for image in self.images:
             key = image.device.uuid if image.device else "unknown"
-            by_device[key] = by_device.get(key, 0) + 1
+            row = by_device.setdefault(
+                key, {"label": image.device.label if image.device else "unknown device", "uuid": key, "images": 0}
+            )
+            row["images"] += 1
         requested = sum(r.count for r in self.requests)
         made: dict[int, int] = {}
         for image in self.images:
@@ -65,7 +73,7 @@ class WaitReport:
             "pending": pending,
             "skipped": self.skipped,
             "seconds": round(seconds, 3),
-            "by_device": by_device,
+            "by_device": sorted(by_device.values(), key=lambda row: (row["label"], row["uuid"])),
             "requests": [
                 {"id": r.pk, "persona": r.persona.slug, "count": r.count, "state": r.state} for r in self.requests
             ],
@@ -76,6 +84,7 @@ class WaitReport:
                     "name": image.image.name,
                     "path": _local_path(storage, image.image.name),
                     "device": image.device.uuid if image.device else None,
+                    "device_label": image.device.label if image.device else None,
                     "seed": image.seed,
                 }
                 for image in self.images
@@ -88,15 +97,92 @@ def _local_path(storage: Storage, name: str) -> str | None:
     return None if local is None else str(local)
 
 
+class Progress:
+    """The --wait progress bar, on the command's stdout (it is output, not an error): redrawn in
+    place on a terminal, one plain line per change otherwise (a log file, a pipe, CI)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: Any, *, tty: bool | None = None) -> None:
+        self.out = out if isinstance(out, OutputWrapper) else OutputWrapper(out)
+        self.tty = self.out.isatty() if tty is None else tty
+        self.open = False  # a drawn line waits for its newline
+
+    def draw(self, done: int, total: int, active: int) -> None:
+        filled = int(self.WIDTH * done / total) if total else self.WIDTH
+        text = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} images, {active} request(s) active"
+        if self.tty:
+            # Back to the line's start and clear it: the bar stays one line, however often it moves.
+            self.out.write(f"\r\x1b[K{text}", ending="")
+            self.out.flush()
+            self.open = True
+        else:
+            self.out.write(text)
+
+    def end(self) -> None:
+        """Finish a line drawn in place, so what comes next (a log record, a notice, the summary)
+        starts on a line of its own."""
+        if self.open:
+            self.out.write("\n", ending="")
+            self.out.flush()
+            self.open = False
+
+    @contextlib.contextmanager
+    def apart_from_logs(self) -> Iterator[None]:
+        """While waiting, end the bar's line before any log record is written (logs go to stderr,
+        often the same terminal): a record never lands in the middle of the bar."""
+        handlers = logging.getLogger().handlers
+        guard = _EndLine(self)
+        for handler in handlers:
+            handler.addFilter(guard)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.removeFilter(guard)
+            self.end()
+
+
+class _EndLine(logging.Filter):
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.end()
+        return True
+
+
 def requests_wait(
-    requests: list[SampleRequest], *, timeout: float, stderr: IO[str] | Any, progress: bool = True, poll: float = 0.5
+    requests: list[SampleRequest],
+    *,
+    timeout: float,
+    stderr: IO[str] | Any,
+    out: IO[str] | Any | None = None,
+    progress: bool = True,
+    poll: float = 0.5,
 ) -> WaitReport:
-    """Block until every request has ended (or the timeout passes), drawing a progress bar."""
+    """Block until every request has ended (or the timeout passes), drawing a progress bar on
+    `out` (stdout; without one, no bar) and notices on `stderr`."""
+    bar = Progress(out) if progress and out is not None else None
+    with bar.apart_from_logs() if bar is not None else contextlib.nullcontext():
+        return _wait(requests, timeout=timeout, stderr=stderr, bar=bar, poll=poll)
+
+
+def _wait(
+    requests: list[SampleRequest], *, timeout: float, stderr: IO[str] | Any, bar: Progress | None, poll: float
+) -> WaitReport:
     total = sum(r.count for r in requests)
     ids = [r.pk for r in requests]
     deadline = time.monotonic() + timeout
     shown = -1
     unreachable_since: float | None = None
+
+    def notice(text: str) -> None:
+        if bar is not None:
+            bar.end()
+        stderr.write(text)
+
     while True:
         # Polls run for up to an hour: check the connection first, and outlive a database
         # restart or failover instead of ending the wait with a traceback.
@@ -108,7 +194,7 @@ def requests_wait(
             connection_reset()
             if unreachable_since is None:
                 unreachable_since = time.monotonic()
-                stderr.write(f"The database does not answer ({str(exc).strip()}); still waiting, the jobs go on.")
+                notice(f"The database does not answer ({str(exc).strip()}); still waiting, the jobs go on.")
             if time.monotonic() > deadline:
                 raise CommandError(
                     "The database did not answer before --timeout passed; the jobs go on in the workers: "
@@ -117,12 +203,10 @@ def requests_wait(
             time.sleep(min(5.0, poll * 4))
             continue
         if unreachable_since is not None:
-            stderr.write(f"The database answers again (after {time.monotonic() - unreachable_since:.0f} s).")
+            notice(f"The database answers again (after {time.monotonic() - unreachable_since:.0f} s).")
             unreachable_since = None
-        if progress and done != shown:
-            width = 30
-            filled = int(width * done / total) if total else width
-            stderr.write(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {active} request(s) active")
+        if bar is not None and done != shown:
+            bar.draw(done, total, active)
             shown = done
         if active == 0:
             return WaitReport.from_requests(requests, finished=True)
@@ -160,7 +244,9 @@ class SyncRunner:
         stderr.write(f"--sync: generating on {context.device.label} ({context.device.uuid}) in this process")
         return cls(context, stderr)
 
-    def run(self, personas: list[Persona], counts: dict[int, int]) -> WaitReport:
+    def run(self, personas: list[Persona], counts: dict[int, int], *, model: ImageModel | None = None) -> WaitReport:
+        """Make each persona's images here, one request after another, with `model` instead of
+        each persona's own where given; personas whose model takes no requests are skipped."""
         context = self.context
         heartbeat = Heartbeat(context, float(gpu_config()["HEARTBEAT_INTERVAL"]))
         heartbeat.start()
@@ -176,10 +262,15 @@ class SyncRunner:
                         source=RequestSource.COMMAND,
                         enqueue=False,
                         require_worker=False,
+                        model=model,
                     )
                 except RequestAlreadyActive as exc:
                     skipped.append(str(exc))
                     self.stderr.write(f"skipped: {exc}")
+                    continue
+                except ModelUnavailable as exc:
+                    skipped.append(f"{persona} was not queued: {exc}")
+                    self.stderr.write(f"not queued ({persona.name}): {exc}")
                     continue
                 requests.append(submitted.request)
                 self._run_request(submitted.request)

@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.db.models.functions import Coalesce
+from django.template.defaultfilters import pluralize
 
 from config.storage import PART_SUFFIX, samples_storage, storage_errors
 from gpuscheduler import assignments as scheduler
@@ -19,9 +20,11 @@ from gpuscheduler import queues
 from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
+from personas.image_models import model_for, spec_of
 from personas.models import (
     ACTIVE_REQUEST_STATES,
     MAX_SEED,
+    ImageModel,
     Persona,
     RequestSource,
     RequestState,
@@ -53,7 +56,12 @@ class Submitted:
 
     def summary(self) -> str:
         where = ", ".join(f"{n} on {label}" for label, n in self.by_device.items())
-        return f"{self.request.count} images of {self.request.persona}: {where}"
+        return f"{images_text(self.request.count)} of {self.request.persona}: {where}"
+
+
+def images_text(count: int) -> str:
+    """ "1 image", "4 images"."""
+    return f"{count} image{pluralize(count)}"
 
 
 def validate_count(count: object) -> int:
@@ -87,17 +95,23 @@ def sample_request_submit(
     source: str = RequestSource.ADMIN,
     enqueue: bool = True,
     require_worker: bool = True,
+    model: ImageModel | None = None,
 ) -> Submitted:
     """Create a request, place its chunks and enqueue them once the transaction commits.
 
-    Raises RequestAlreadyActive when the persona already has a queued or running request
-    (enforced by a unique constraint, so it holds for simultaneous presses too), and
-    NoDeviceAvailable when no device may take work. Either way nothing is written.
+    `model` (a command's --model) is used instead of the persona's own model. Raises
+    RequestAlreadyActive when the persona already has a queued or running request (enforced by
+    a unique constraint, so it holds for simultaneous presses too), NoDeviceAvailable when no
+    device may take work, and ModelUnavailable when the model is disabled (or `model` was
+    deleted). Either way nothing is written. The request records the model as it is now
+    (personas/image_models.py): later edits of the model or the persona do not change it.
     """
     count = validate_count(count)
-    config = samples_config()
     with transaction.atomic():
         locked = Persona.objects.select_for_update().get(pk=persona.pk)
+        # `model`, its own or the default; ModelUnavailable if disabled.
+        image_model = model_for(locked, override=model)
+        spec = spec_of(image_model)
         try:
             with transaction.atomic():
                 request = SampleRequest.objects.create(
@@ -107,8 +121,10 @@ def sample_request_submit(
                     requested_by=user if getattr(user, "pk", None) else None,
                     source=source,
                     first_seed=(locked.base_seed + locked.images_requested) % (MAX_SEED + 1),
-                    model=config["MODEL"],
-                    steps=int(config["STEPS"]),
+                    model=spec["key"],
+                    image_model=image_model,
+                    model_spec=spec,
+                    steps=image_model.steps,
                 )
         except IntegrityError:
             active = SampleRequest.objects.filter(persona=locked, state__in=ACTIVE_REQUEST_STATES).first()

@@ -163,6 +163,24 @@ def wait_or_kill(started: Started, *, deadline: float, signals: Signals, poll: f
         time.sleep(poll)
 
 
+def login_lines(demo: str) -> list[str]:
+    """What demo_data printed and, on a later run (the admin exists, so no login was printed), whom
+    to log in as: the password is the one printed on the first run."""
+    lines = demo.splitlines()
+    if any(line.startswith("Admin login:") for line in lines):
+        return lines
+    from django.contrib.auth import get_user_model
+
+    admins = get_user_model().objects.filter(is_superuser=True, is_active=True).order_by("pk")
+    name = admins.values_list("username", flat=True).first()
+    if name is not None:
+        lines.append(
+            f"Admin login: username {name!r}, with the password printed on the first run "
+            f"(`.venv/bin/python manage.py changepassword {name}` sets a new one)."
+        )
+    return lines
+
+
 def stop_grace(samples: dict[str, object]) -> float:
     """Seconds the workers get to finish their running jobs before their process groups are killed."""
     return float(str(samples["JOB_TIMEOUT"])) + STOP_MARGIN_SECONDS
@@ -205,7 +223,7 @@ def main() -> int:
         backend = settings.GPUSCHEDULER["BACKEND"]
         say("-" * 60)
         say(f"Open http://127.0.0.1:{port}/admin/   (GPU backend: {backend}, data: {settings.DATA_DIR})")
-        for line in demo.splitlines():
+        for line in login_lines(demo):
             say(line)
         say("GPU status: Admin > GPU scheduler > GPU status. Press Ctrl-C to stop everything.")
         say("-" * 60)

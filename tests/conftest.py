@@ -19,7 +19,7 @@ from config.storage import SAMPLES_ALIAS
 from gpuscheduler.backends import DeviceInfo
 from gpuscheduler.models import Device, DeviceKind, Health
 from gpuscheduler.services import device_upsert
-from personas.models import Persona
+from personas.models import ImageModel, Persona
 from tests.processes import Processes, base_env, wait_for
 
 _counter = itertools.count(1)
@@ -36,6 +36,7 @@ SETTING_KEYS = {
     "GPU_SIMULATED": ("GPUSCHEDULER", "SIMULATED"),
     "GPU_POLICY": ("GPUSCHEDULER", "POLICY"),
     "GPU_STEAL": ("GPUSCHEDULER", "STEAL"),
+    "GPU_MODEL_AFFINITY": ("GPUSCHEDULER", "MODEL_AFFINITY"),
     "GPU_LEASE_SECONDS": ("GPUSCHEDULER", "LEASE_SECONDS"),
     "GPU_HEARTBEAT_INTERVAL": ("GPUSCHEDULER", "HEARTBEAT_INTERVAL"),
     "GPU_WATCHDOG_GRACE": ("GPUSCHEDULER", "WATCHDOG_GRACE"),
@@ -46,6 +47,7 @@ SETTING_KEYS = {
     "SAMPLES_MAX_ATTEMPTS": ("SAMPLES", "MAX_ATTEMPTS"),
     "SAMPLES_STEPS": ("SAMPLES", "STEPS"),
     "SAMPLES_MAX_BATCH": ("SAMPLES", "MAX_BATCH"),
+    "GPU_MODEL_CACHE": ("GPUSCHEDULER", "MODEL_CACHE"),
 }
 
 
@@ -178,6 +180,21 @@ def configure(settings: Any, env: dict[str, str]) -> None:
             setattr(settings, group, current)
 
 
+def default_model_from_settings() -> None:
+    """Point the default model at SAMPLES_MODEL and SAMPLES_STEPS as the test process has them now:
+    they seed the default model only while none exists, and a test that changes them means the
+    default model to follow (what a fresh installation with those settings would have)."""
+    from gpuscheduler.conf import samples_config
+    from personas.image_models import default_model, seed_fields
+
+    fields = seed_fields(samples_config())
+    model = default_model()
+    update = {"source": fields["source"], "steps": fields["steps"]}
+    if not ImageModel.objects.filter(name=fields["name"]).exclude(pk=model.pk).exists():
+        update["name"] = fields["name"]  # its name follows, where no other model has it
+    ImageModel.objects.filter(pk=model.pk).update(**update)
+
+
 class Cluster:
     """Real gpuworker / gpumonitor processes on simulated devices, sharing this test's database."""
 
@@ -202,6 +219,8 @@ class Cluster:
     def configure(self, **env: str) -> None:
         self.env.update(env)
         configure(self.settings, env)
+        if {"SAMPLES_MODEL", "SAMPLES_STEPS"} & env.keys():
+            default_model_from_settings()
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> Any:
         """Start any manage.py command with this cluster's environment (and `env` for this process
@@ -278,15 +297,15 @@ def persona(persona_factory: Callable[..., Persona]) -> Persona:
 
 
 def learned_curve(device: Device, *, per_image: float, fixed: float = 0.0, knee: float = 1.0, calls: int = 10) -> None:
-    """Store a cost curve for `device` (default model and steps), as its worker's calls would have."""
-    from gpuscheduler.conf import samples_config
+    """Store a cost curve for `device` (the default model, at its steps), as its worker's calls would have."""
     from gpuscheduler.models import CostCurve
+    from personas.image_models import default_model, spec_of
 
-    config = samples_config()
+    model = default_model()
     CostCurve.objects.update_or_create(
         device=device,
-        model=config["MODEL"],
-        steps=int(config["STEPS"]),
+        model=spec_of(model)["key"],
+        steps=model.steps,
         defaults={"fixed_seconds": fixed, "per_image_seconds": per_image, "knee": knee, "calls": calls, "sizes": 2},
     )
 
@@ -299,11 +318,13 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
         kind: str = DeviceKind.SIMULATED,
         health: str = Health.HEALTHY,
         worker: bool = False,
+        warm: tuple[str, ...] | None = None,
         **fields: Any,
     ) -> Device:
         """A registered device, read a moment ago (so not stale); `worker=True` gives it a live
-        worker (one heartbeat, now). `speed=S` gives it a learned cost curve of 1/S seconds per
-        image for the default model and steps, as if its worker had timed its calls."""
+        worker (one heartbeat, now) that has the default model warm (or the `warm` keys). `speed=S` gives it a learned
+        cost curve of 1/S seconds per image for the default model and steps, as if its worker had
+        timed its calls."""
         from django.utils import timezone
 
         n = next(_counter)
@@ -329,6 +350,14 @@ def device_factory(db: None, settings: Any) -> Callable[..., Device]:
             }
         Device.objects.filter(pk=device.pk).update(health=health, **fields)
         device.refresh_from_db()
+        if worker:
+            # A worker warms the default model at start (gpuscheduler/worker.py run_worker); `warm`
+            # names the models it holds instead (keys; () for none).
+            from gpuscheduler.device_models import model_loaded
+            from personas.image_models import default_model, spec_of
+
+            for key in (spec_of(default_model())["key"],) if warm is None else warm:
+                model_loaded(device_id=device.pk, model=key, seconds=0.0, memory_bytes=None)
         return device
 
     return make

@@ -21,8 +21,9 @@ from gpuscheduler.models import Assignment, AssignmentState, Device, PipelineCal
 from gpuscheduler.services import device_upsert
 from gpuscheduler.simulated import describe
 from personas.attempts import sample_assignment_run
+from personas.image_models import default_model
 from personas.imagegen import GenerationResult, Prompt, placeholder_image
-from personas.models import RequestState, SampleImage, SampleRequest
+from personas.models import ImageModel, RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
 from tests.conftest import learned_curve
 from tests.gpuscheduler.test_batching_claims import H100, chunk
@@ -85,6 +86,7 @@ def assert_made_as_asked(attempt: Assignment) -> None:
     persona = request.persona
     for image in images:
         assert image.seed == request.seed_for(image.index)
+        assert (image.model, image.steps) == (request.model, request.steps), "its own request's model and steps"
         assert (image.prompt, image.negative_prompt) == (persona.appearance_prompt, persona.negative_prompt)
         assert stored_bytes(image.image.name) == placeholder_image(image.seed).png
 
@@ -230,23 +232,27 @@ def assert_exactly_once(request: SampleRequest) -> None:
 
 
 @pytest.mark.e2e
-def test_a_worker_makes_queued_requests_of_several_personas_in_one_call_of_the_best_size(
-    cluster, persona_factory, settings
-):
+def test_a_worker_makes_queued_requests_of_several_personas_in_one_call_of_the_best_size(cluster, persona_factory):
     cluster.configure(GPU_SIMULATED="sim*1", SAMPLES_MODEL="simulated-h100:0.3")
     (device,) = registered("sim*1")
+    default = default_model()
+    steps = default.steps
 
-    def submit(count: int, **samples: Any) -> SampleRequest:
-        settings.SAMPLES = {**settings.SAMPLES, **samples}
-        return sample_request_submit(persona=persona_factory(), count=count).request
+    def submit(count: int, model: ImageModel | None = None) -> SampleRequest:
+        return sample_request_submit(persona=persona_factory(image_model=model), count=count).request
 
-    steps = int(settings.SAMPLES["STEPS"])
     first = submit(2)
-    more_steps = submit(2, STEPS=steps + 1)
-    second = submit(2, STEPS=steps)
-    other_model = submit(2, MODEL="simulated:0.1")
-    third = submit(3, MODEL="simulated-h100:0.3")
+    # The default model's steps edited between two presses: the same model (its key leaves steps
+    # out), made at other steps, so only the steps keep this request out of the others' call.
+    ImageModel.objects.filter(pk=default.pk).update(steps=steps + 1)
+    more_steps = submit(2)
+    ImageModel.objects.filter(pk=default.pk).update(steps=steps)
+    second = submit(2)
+    other_model = submit(2, ImageModel.objects.create(name="simulated-0.1", source="simulated:0.1", steps=steps))
+    third = submit(3)
     fourth = submit(2)
+    assert (more_steps.model, more_steps.steps) == (first.model, steps + 1)
+    assert other_model.model != first.model and other_model.steps == steps
     cluster.start("gpuworker", "--device", device.uuid)
     wait_done([first, more_steps, second, other_model, third, fourth], cluster)
 
@@ -256,6 +262,8 @@ def test_a_worker_makes_queued_requests_of_several_personas_in_one_call_of_the_b
     assert (call.images, call.device_id, call.steps) == (7, device.pk, steps)
     alone = [attempt_of(r).pipeline_call for r in (more_steps, other_model, fourth)]
     assert [c.images for c in alone] == [2, 2, 2], "other steps and models are not mixed in; 9 > the best size"
+    made_as = [(r.model, r.steps) for r in (more_steps, other_model, fourth)]
+    assert [(c.model, c.steps) for c in alone] == made_as, "each call made as its requests recorded"
     assert len({c.pk for c in alone} | {call.pk}) == 4
     for request in (first, second, third, fourth, more_steps, other_model):
         assert_made_as_asked(attempt_of(request))

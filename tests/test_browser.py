@@ -91,7 +91,14 @@ def test_admin_generates_samples_that_appear_live_and_show_on_the_gpu_status_pag
     page.click("#generate-samples-button")
     page.wait_for_selector("ul.messagelist li.success")
     assert f"Queued {IMAGES} images of Ada Lovelace" in page.inner_text("ul.messagelist")
-    assert page.get_attribute("#persona-samples", "data-active") == "1"
+    assert page.get_attribute("#sample-progress", "data-active") == "1"
+    # The page reloads at the top after the press: the progress is in view without scrolling.
+    assert page.evaluate("window.scrollY") == 0
+    box = page.locator("#sample-progress").bounding_box()
+    assert box is not None and box["y"] + 40 < page.viewport_size["height"], f"progress at {box} is below the fold"
+    assert page.locator("#request-state").is_visible()
+    state = page.locator("#request-state").bounding_box()
+    assert state is not None and state["y"] + state["height"] <= page.viewport_size["height"]
     page.evaluate("window.notReloaded = true")
 
     # The gallery fills itself from the progress JSON; the page is never reloaded.
@@ -107,7 +114,8 @@ def test_admin_generates_samples_that_appear_live_and_show_on_the_gpu_status_pag
     assert request.state == RequestState.SUCCEEDED
     images = list(SampleImage.objects.filter(request=request).select_related("device").order_by("index"))
     captions = page.eval_on_selector_all("#sample-gallery figcaption", "els => els.map(e => e.innerText)")
-    assert captions == [f"seed {image.seed}\n{image.device.label}" for image in images]
+    model = request.model_spec["name"]
+    assert captions == [f"seed {image.seed}\n{image.device.label}\n{model}" for image in images]
     assert page.inner_text("#request-done") == str(IMAGES)
     ran_on = page.eval_on_selector_all("#request-attempts tr", "rows => rows.map(r => r.cells[4].innerText)")
     assert set(ran_on) == {image.device.label for image in images}

@@ -10,6 +10,7 @@ from django.urls import reverse
 from PIL import Image
 
 from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
+from personas.image_models import default_model, spec_of
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
 from tests.media import stored_bytes
@@ -31,6 +32,7 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
     message = next(str(m) for m in get_messages(response.wsgi_request))
     assert message.startswith("Queued 4 images of Ada Lovelace: 2 on SIM 0 H100, 2 on SIM 1 H100"), message
     request = SampleRequest.objects.get(persona=persona)
+    assert request.model == spec_of(default_model())["key"] and request.model_spec["source"] == "tiny"
     wait_for(
         lambda: SampleRequest.objects.get(pk=request.pk).state == RequestState.SUCCEEDED,
         120,
@@ -43,7 +45,7 @@ def test_generate_button_makes_four_tiny_model_images_on_both_gpus(cluster, admi
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(io.BytesIO(data)) as png:
             assert png.size == (64, 64) == (image.width, image.height)
-        assert image.model == "tiny"
+        assert image.model == request.model, "each image records its request's model"
     succeeded = Assignment.objects.filter(request=request, state=AssignmentState.SUCCEEDED)
     assert sorted(a.image_count for a in succeeded) == [2, 2]
     assert {a.device_id for a in succeeded} == set(Device.objects.values_list("pk", flat=True))

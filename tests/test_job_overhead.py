@@ -17,6 +17,7 @@ from gpuscheduler.batching import attempt_claim, call_size
 from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState, Health, PipelineCall
 from gpuscheduler.worker import GpuWorker
+from gpuscheduler.workloads import default_key_and_steps
 from personas.attempts import sample_assignment_run
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_requests_refresh
@@ -226,8 +227,8 @@ def test_a_curve_is_refitted_at_every_call_at_first_then_less_often_as_it_rests_
     assert costs.refit_due(rested=costs.FIT_WINDOW, since=25)
 
 
-def test_a_call_that_is_not_due_for_a_refit_is_one_insert(h100, settings):
-    model, steps = settings.SAMPLES["MODEL"], settings.SAMPLES["STEPS"]
+def test_a_call_that_is_not_due_for_a_refit_is_one_insert(h100):
+    model, steps = default_key_and_steps()
     timing = costs.Timing(images=4, seconds=1.0, width=64, height=64)
     for _ in range(costs.EAGER_CALLS + 1):
         costs.call_record(device=h100, model=model, steps=steps, timing=timing)
@@ -237,8 +238,8 @@ def test_a_call_that_is_not_due_for_a_refit_is_one_insert(h100, settings):
     assert PipelineCall.objects.filter(device=h100).count() == costs.EAGER_CALLS + 2
 
 
-def test_the_worker_s_own_cost_of_a_call_fills_the_calls_of_a_near_free_model(h100, device_factory, settings):
-    model, steps = settings.SAMPLES["MODEL"], settings.SAMPLES["STEPS"]
+def test_the_worker_s_own_cost_of_a_call_fills_the_calls_of_a_near_free_model(h100, device_factory):
+    model, steps = default_key_and_steps()
     free = device_factory("H100", worker=True)
     learned_curve(free, per_image=0.001)  # a millisecond an image: the zero-second simulated model
     assert call_size(device=free, model=model, steps=steps) == 1, "by the pipeline call alone, no gain"

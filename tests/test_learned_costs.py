@@ -9,6 +9,7 @@ import pytest
 
 from gpuscheduler import costs
 from gpuscheduler.models import Assignment, CostCurve, Device, PipelineCall
+from personas.image_models import default_model, spec_of
 from personas.models import RequestState, SampleRequest
 from personas.services import sample_request_submit
 from tests.processes import wait_for
@@ -46,7 +47,7 @@ def test_worker_building_its_generator_is_the_only_worker_line_that_passes_the_t
 
 
 @pytest.mark.e2e
-def test_the_scheduler_learns_speeds_it_is_never_told(cluster, persona_factory, settings):
+def test_the_scheduler_learns_speeds_it_is_never_told(cluster, persona_factory):
     # The workers run on the truth: "fast" makes an image in 0.2 s, "slow" in 2 s. This test
     # process, where placement runs, is told the opposite; a scheduler that read GPU_SIMULATED
     # (or anything derived from it) would send the work to "slow".
@@ -54,7 +55,8 @@ def test_the_scheduler_learns_speeds_it_is_never_told(cluster, persona_factory, 
     cluster.start("gpuworkers", env={"GPU_SIMULATED": "fast,slow:0.1"})
     cluster.wait_workers(expect=2)
     fast, slow = Device.objects.get(name="fast"), Device.objects.get(name="slow")
-    model, steps = settings.SAMPLES["MODEL"], settings.SAMPLES["STEPS"]
+    default = default_model()  # what the workers calibrated: the default model, at its steps
+    model, steps = spec_of(default)["key"], default.steps
 
     # Calibrated at start, from one timed call each.
     assert PipelineCall.objects.filter(device=fast, calibration=True).exists()
@@ -65,6 +67,7 @@ def test_the_scheduler_learns_speeds_it_is_never_told(cluster, persona_factory, 
     # Work goes where the learned curve says it is done soonest: 4 images on fast (0.8 s) beat
     # any split with slow (a call of 1 there takes 2 s).
     first = sample_request_submit(persona=persona_factory(), count=4).request
+    assert (first.model, first.steps) == (model, steps)
     placed = list(Assignment.objects.filter(request=first).values_list("planned_device", "image_count", "reason"))
     assert {p[0] for p in placed} == {fast.pk}, (placed, curves)
     requests = [first] + [sample_request_submit(persona=persona_factory(), count=2).request for _ in range(3)]

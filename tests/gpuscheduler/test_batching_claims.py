@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from django.conf import settings
 from django.utils import timezone
 
 from gpuscheduler import queues
@@ -15,7 +15,9 @@ from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.batching import call_fill, call_size, joins
 from gpuscheduler.heartbeat import Heartbeat, WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState, Device, Health
-from personas.models import SampleRequest
+from gpuscheduler.workloads import default_key_and_steps
+from personas.image_models import spec_of
+from personas.models import ImageModel, SampleRequest
 from tests.conftest import learned_curve
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -32,14 +34,21 @@ def h100(device_factory):
 
 
 def chunk(persona, count, device, *, pinned=False, steps=None, model=None, avoid=None) -> Assignment:
-    """A request of `count` images queued as one chunk on `device`'s queue (pinned or not)."""
-    config = settings.SAMPLES
+    """A request of `count` images queued as one chunk on `device`'s queue (pinned or not), of the
+    default model at its steps unless `model` or `steps` say otherwise."""
+    default_model, default_steps = default_key_and_steps()
+    # The default model's spec, as sample_request_submit records it (another model: none, as a
+    # request made before models were data).
+    spec: dict[str, Any] = {}
+    if model is None:
+        spec = {**spec_of(ImageModel.objects.get(is_default=True)), "steps": steps or default_steps}
     request = SampleRequest.objects.create(
         persona=persona,
         count=count,
         first_seed=persona.base_seed,
-        model=model or config["MODEL"],
-        steps=steps or int(config["STEPS"]),
+        model=model or default_model,
+        model_spec=spec,
+        steps=steps or default_steps,
     )
     attempt = Assignment.objects.create(
         request=request,
@@ -88,9 +97,10 @@ def test_a_chunk_joins_a_call_while_it_brings_the_call_nearer_the_best_size():
 
 
 def test_the_best_call_size_comes_from_the_devices_learned_curve(h100, device_factory):
-    assert call_size(device=h100, model=settings.SAMPLES["MODEL"], steps=settings.SAMPLES["STEPS"]) == 7
+    model, steps = default_key_and_steps()
+    assert call_size(device=h100, model=model, steps=steps) == 7
     linear = device_factory("T4", speed=1.0)  # a line through zero: a bigger call gains nothing
-    assert call_size(device=linear, model=settings.SAMPLES["MODEL"], steps=settings.SAMPLES["STEPS"]) == 1
+    assert call_size(device=linear, model=model, steps=steps) == 1
 
 
 def test_a_call_takes_other_requests_chunks_oldest_first_up_to_the_best_size(h100, persona_factory, redis_db):
@@ -126,7 +136,7 @@ def test_a_chunk_too_large_for_the_call_is_passed_over_for_a_later_one_that_fits
 
 def test_other_steps_or_another_model_never_join_a_call(h100, persona_factory, redis_db):
     first = chunk(persona_factory(), 2, h100)
-    more_steps = chunk(persona_factory(), 2, h100, steps=int(settings.SAMPLES["STEPS"]) + 1)
+    more_steps = chunk(persona_factory(), 2, h100, steps=default_key_and_steps()[1] + 1)
     other_model = chunk(persona_factory(), 2, h100, model="simulated:0.5")
     same = chunk(persona_factory(), 2, h100)
 
@@ -180,13 +190,14 @@ def test_the_heartbeat_renews_every_attempt_of_a_call_and_it_goes_on_while_one_h
     first = chunk(persona_factory(), 2, h100)
     partner = chunk(persona_factory(), 2, h100)
     heartbeat = Heartbeat(context, interval=1.0)
+    model, steps = default_key_and_steps()
     claimed = assignment_claim(assignment_id=first.pk, device=h100, worker_name="w1", host="testhost", timeout=60)
     with context.running(claimed, report=False):
         taken = call_fill(
             first=claimed,
             context=context,
-            model=settings.SAMPLES["MODEL"],
-            steps=int(settings.SAMPLES["STEPS"]),
+            model=model,
+            steps=steps,
             match={},
             timeout=60,
         )

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from gpuscheduler import costs
 from gpuscheduler.curves import PRIOR, Curve, Timing, fit, peer_curve
 from gpuscheduler.models import CostCurve, PipelineCall
+from gpuscheduler.workloads import default_key_and_steps
 from personas.imagegen import h100_call_factor, parse_model, simulated_call_seconds
 
 H100 = [(1, 1.23), (4, 1.26), (8, 1.48), (16, 2.85)]
@@ -116,9 +117,9 @@ def test_the_learned_curve_of_a_noisy_simulated_h100_is_within_ten_percent():
 # --- stored curves ---------------------------------------------------------------------------
 
 
-def test_recorded_calls_are_fitted_into_the_devices_curve(device_factory, settings):
+def test_recorded_calls_are_fitted_into_the_devices_curve(device_factory):
     device = device_factory("T4")
-    model, steps = settings.SAMPLES["MODEL"], settings.SAMPLES["STEPS"]
+    model, steps = default_key_and_steps()
     for size in (1, 2, 4):
         costs.call_record(device=device, model=model, steps=steps, timing=Timing(size, 0.5 * size, 64, 64))
     row = CostCurve.objects.get(device=device, model=model, steps=steps)
@@ -129,10 +130,10 @@ def test_recorded_calls_are_fitted_into_the_devices_curve(device_factory, settin
     assert not costs.needs_calibration(device=device, model=model, steps=steps)
 
 
-def test_devices_without_calls_borrow_from_their_peers_then_from_other_step_counts(device_factory, settings):
+def test_devices_without_calls_borrow_from_their_peers_then_from_other_step_counts(device_factory):
     from tests.conftest import learned_curve
 
-    model, steps = settings.SAMPLES["MODEL"], settings.SAMPLES["STEPS"]
+    model, steps = default_key_and_steps()
     known, new = device_factory("H100"), device_factory("H100")
     assert costs.curves_for([new.pk])[new.pk] is PRIOR
     learned_curve(known, per_image=0.25)

@@ -27,7 +27,7 @@ from gpuscheduler.backends import CpuBackend, DeviceInfo, Reading
 from gpuscheduler.cluster import devices_retire, monitor_beat
 from gpuscheduler.models import Assignment, Device, DeviceKind, Host, WorkerState
 from gpuscheduler.page_reads import device_status
-from gpuscheduler.selectors import device_views
+from gpuscheduler.placement_reads import device_views
 from gpuscheduler.services import devices_sync, snapshots_record, worker_attach
 from gpuscheduler.simulated import SimulatedBackend
 from personas.models import SampleRequest

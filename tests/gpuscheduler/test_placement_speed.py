@@ -20,11 +20,11 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from gpuscheduler import assignments
-from gpuscheduler.assignments import assignments_place
+from gpuscheduler import placement
 from gpuscheduler.backends import DeviceInfo, Reading
 from gpuscheduler.models import Assignment, Device, Snapshot
-from gpuscheduler.selectors import device_views
+from gpuscheduler.placement import assignments_place
+from gpuscheduler.placement_reads import device_views
 from gpuscheduler.services import device_observe, snapshots_record
 from personas.models import SampleRequest
 
@@ -159,14 +159,14 @@ def test_a_workers_own_reading_reaches_the_device_row(device_factory, request_fa
 
 def test_work_placed_after_the_devices_were_read_counts(device_factory, request_factory, monkeypatch):
     first, second = device_factory("H100", worker=True, speed=1.0), device_factory("H100", worker=True, speed=1.0)
-    real = assignments.device_reads
+    real = placement.device_reads
 
     def then_another_press(*args: Any, **kwargs: Any) -> Any:
         reads = real(*args, **kwargs)
         queue_on(first, request_factory(), images=6)  # committed while this placement waited for its turn
         return reads
 
-    monkeypatch.setattr(assignments, "device_reads", then_another_press)
+    monkeypatch.setattr(placement, "device_reads", then_another_press)
 
     (placed,) = place(request_factory())
 

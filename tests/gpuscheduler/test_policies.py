@@ -393,3 +393,29 @@ def test_a_slow_device_still_helps_when_the_fast_ones_are_backed_up():
     slow = gpu(2, saturation=1, speed=0.25)
     chunks = plan_chunks(4, balanced([fast, slow]), max_batch=16, by_finish=True)
     assert {c.device_id for c in chunks} == {2}, "4 images on the idle T4 finish before 40 queued ahead on the fast one"
+
+
+# --- mixed speeds: splitting behind a backlog, whole requests, calls about to end ----------------
+
+
+def test_a_request_behind_a_burst_is_still_shared_where_that_shortens_its_own_wait():
+    # Thirty images ahead on each: 2 + 2 ends at 32 s, 4 on one at 34 s. 6% of the whole wait, but
+    # half of the request's own part of it.
+    ranked = balanced([linear(1, queued_images=30), linear(2, queued_images=30)])
+    assert sizes(plan_chunks(4, ranked, max_batch=16, by_finish=True)) == [(1, 0, 2), (2, 2, 2)]
+
+
+def test_a_whole_request_goes_where_all_of_it_finishes_soonest_not_its_first_image():
+    # The idle linear device makes one image first (1 s), but four in 4 s; the GPU behind a short
+    # backlog makes all four in 2.5 s, in one call.
+    idle = linear(1)
+    busy = gpu(2, running_images=12)  # 1.5 s of work: its call of 12 images
+    assert sizes(plan_chunks(4, balanced([idle, busy]), max_batch=16, by_finish=True)) == [(2, 0, 4)]
+
+
+def test_a_slower_device_leaves_the_call_queued_behind_one_about_to_end():
+    owner = linear(1, running_images=4, queued_images=4)  # 4 s running, 4 s queued
+    thief = linear(2, speed=0.6)  # 6.7 s for those 4
+    assert not steal_pays(thief, owner, 4, running_left=0.1)
+    assert steal_pays(thief, owner, 4, running_left=4.0)
+    assert not steal_pays(thief, owner, 4), "without the time left, half the running call is assumed left"

@@ -1,4 +1,4 @@
-"""Which queues an idle worker steals from, read from the database (selectors.steal_sources)."""
+"""Which queues an idle worker steals from, read from the database (placement_reads.steal_sources)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from django.utils import timezone
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState, Device
+from gpuscheduler.placement_reads import steal_sources
 from gpuscheduler.queues import device_queue_name, enqueue_assignment
-from gpuscheduler.selectors import steal_sources
 from gpuscheduler.worker import GpuWorker
 from personas.services import sample_request_submit
 
@@ -82,3 +82,15 @@ def test_the_worker_asks_the_database_nothing_while_other_queues_are_empty(
     assert [queue.name for queue in others] == [device_queue_name(fast_busy_gpu.pk)]
     with django_assert_num_queries(0):
         assert worker._worth_stealing(others) == [], "the queued call is in the database but not on Redis"
+
+
+def test_a_slower_device_leaves_the_call_queued_behind_one_about_to_end(fast_busy_gpu, device_factory):
+    half = device_factory("half", worker=True, speed=0.5)  # 2 s for the queued image
+    running = Assignment.objects.filter(device=fast_busy_gpu, state=AssignmentState.RUNNING)
+    running.update(started_at=timezone.now() - timedelta(seconds=3.9))  # 0.1 s left, then 1 s queued
+    assert steal_sources(half.pk) == set()
+
+
+def test_a_slower_device_takes_the_call_queued_behind_one_just_begun(fast_busy_gpu, device_factory):
+    half = device_factory("half", worker=True, speed=0.5)  # 2 s, against 4 s left and 1 s queued
+    assert steal_sources(half.pk) == {fast_busy_gpu.pk}

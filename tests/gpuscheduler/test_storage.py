@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.db import transaction
+from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
@@ -27,8 +28,8 @@ from gpuscheduler import simulated, storage
 from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.heartbeat import WorkerContext
 from gpuscheduler.models import Assignment, MediaStore, WorkerState
+from gpuscheduler.placement_reads import device_views, steal_sources
 from gpuscheduler.policies import store_admit
-from gpuscheduler.selectors import device_views, steal_sources
 from gpuscheduler.storage import (
     StoreReading,
     store_admits,
@@ -113,6 +114,9 @@ def test_the_next_good_reading_makes_the_store_healthy_again(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(storage, "_probe_write", failing_write(errno.ENOSPC))
         assert not store_check(host=HOST).healthy
+    # The failed probe a second back: on SQLite (a millisecond's resolution) the next one could
+    # otherwise fall in the same millisecond, where a tie goes to the error.
+    MediaStore.objects.filter(host=HOST).update(checked_at=F("checked_at") - timedelta(seconds=1))
     row = store_check(host=HOST)
     assert row.healthy and row.changed_at == row.checked_at
     assert store_admits(host=HOST) == (True, "")

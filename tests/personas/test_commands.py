@@ -17,8 +17,9 @@ from django.utils import timezone
 
 from gpuscheduler import queues, simulated
 from gpuscheduler.models import Assignment, AssignmentState, Device, Health, Snapshot
+from personas.image_models import default_model
 from personas.imagegen import Generator
-from personas.models import Persona, RequestState, SampleImage, SampleRequest
+from personas.models import ImageModel, Persona, RequestState, SampleImage, SampleRequest
 from tests.media import media_root, stored_bytes
 
 
@@ -29,9 +30,11 @@ def run(*args: str, **options: Any) -> tuple[str, str]:
 
 
 @pytest.fixture
-def sync_settings(settings, monkeypatch):
-    """--sync on the two simulated test devices with the instant simulated model."""
+def sync_settings(settings, monkeypatch, db):
+    """--sync on the two simulated test devices with the instant simulated model (the default
+    model's: SAMPLES_MODEL only seeds a default model where there is none)."""
     settings.SAMPLES = {**settings.SAMPLES, "MODEL": "simulated:0"}
+    ImageModel.objects.filter(pk=default_model().pk).update(source="simulated:0")
     # The in-process heartbeat thread must not beat during these short runs: its own database
     # connection would wait on the test's open transaction.
     settings.GPUSCHEDULER = {**settings.GPUSCHEDULER, "HEARTBEAT_INTERVAL": 60.0, "LEASE_SECONDS": 180.0}
@@ -71,8 +74,9 @@ def test_sync_json_makes_the_images_in_this_process_and_reports_them(sync_settin
     summary = json.loads(out)
     assert (summary["requested"], summary["succeeded"], summary["failed"]) == (3, 3, 0)
     assert isinstance(summary["seconds"], float) and 0 <= summary["seconds"] < 60
-    (device_uuid,) = summary["by_device"]
-    assert summary["by_device"][device_uuid] == 3
+    ((label, device_uuid, made),) = [(row["label"], row["uuid"], row["images"]) for row in summary["by_device"]]
+    assert made == 3
+    assert label == Device.objects.get(uuid=device_uuid).label
     assert device_uuid in {sim_uuid(sync_settings, 0), sim_uuid(sync_settings, 1)}
     assert [image["seed"] for image in summary["images"]] == [persona.base_seed + k for k in range(3)]
     for image in summary["images"]:
@@ -95,7 +99,7 @@ def test_sync_without_json_prints_a_summary(sync_settings, persona_factory):
     out, _ = run("regenerate_samples", "--all", "--sync")
 
     assert "3 of 3 images made, 0 failed" in out
-    assert re.search(r"SIM-\S+: 3 images", out)
+    assert re.search(r"  SIM \d sim: 3 images \(SIM-\S+\)", out)
     assert SampleImage.objects.count() == 3
 
 
@@ -104,7 +108,8 @@ def test_sync_on_a_named_device_uses_that_device(sync_settings, persona):
     out, _ = run(
         "regenerate_samples", "--persona", str(persona.pk), "--count", "2", "--sync", "--device", second, "--json"
     )
-    assert json.loads(out)["by_device"] == {second: 2}
+    label = Device.objects.get(uuid=second).label
+    assert json.loads(out)["by_device"] == [{"label": label, "uuid": second, "images": 2}]
 
 
 def test_a_failed_image_makes_the_command_exit_with_status_1(sync_settings, persona):

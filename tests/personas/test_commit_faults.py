@@ -17,7 +17,6 @@ from gpuscheduler import assignments
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.heartbeat import Heartbeat, WorkerContext
 from gpuscheduler.models import Assignment, AssignmentState
-from personas import attempts
 from personas.attempts import StorageFault, sample_assignment_run, sample_images_commit
 from personas.imagegen import GenerationResult, placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
@@ -119,7 +118,7 @@ def test_a_commit_that_never_reached_the_database_is_made_again(running, setting
         return real(**kwargs)
 
     monkeypatch.setattr(assignments, "assignment_succeed", connection_lost_once)
-    monkeypatch.setattr(attempts.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr("personas.commit.time.sleep", lambda seconds: None)
 
     assert commit(request, assignment, device) is True
 

@@ -23,6 +23,7 @@ from personas.imagegen import (
     placeholder_image,
     tiny_model_dir,
 )
+from personas.pipelines import ImageSpec
 
 PROMPT = "portrait of a Victorian mathematician, oil painting"
 CPU = Target(kind="cpu")
@@ -162,7 +163,7 @@ def test_the_tiny_model_is_built_only_once(built_tiny_model, monkeypatch):
     def no_second_build() -> Any:
         raise AssertionError("the tiny model was built again")
 
-    monkeypatch.setattr("personas.imagegen.build_tiny_pipeline", no_second_build)
+    monkeypatch.setattr("personas.tiny_model.build_tiny_pipeline", no_second_build)
     with override_settings(DATA_DIR=built_tiny_model.parent.parent):
         assert tiny_model_dir() == built_tiny_model
 
@@ -199,14 +200,14 @@ def test_the_reloaded_model_makes_the_images_the_in_memory_pipeline_makes(warm):
     in_memory = Generator(CPU)
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    in_memory._pipelines["tiny"] = pipe.to("cpu")
+    in_memory.cache.adopt(ImageSpec.of("tiny"), pipe.to("cpu"))
 
     built = make(in_memory, [21, 22])
 
     assert in_memory.loads == 0
     import torch
 
-    loaded = warm._pipelines["tiny"]
+    loaded = warm.pipeline("tiny")
     for part in ("unet", "vae", "text_encoder"):
         ours, theirs = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
         assert ours.keys() == theirs.keys(), part
@@ -267,7 +268,7 @@ def test_an_oom_splits_the_call_down_to_one_image_and_keeps_every_image_simulate
 def test_an_oom_splits_the_call_with_the_tiny_model(warm, sim_target):
     simulated.set_faults(SIM_UUID, oom_above_batch=1)
     generator = Generator(sim_target)
-    generator._pipelines["tiny"] = warm._pipelines["tiny"]  # loading is tested above; save the time
+    generator.cache.adopt(ImageSpec.of("tiny"), warm.pipeline("tiny"))  # loading is tested above; save the time
 
     result = make(generator, [31, 32])
 
@@ -284,7 +285,7 @@ def test_a_torch_oom_inside_the_pipeline_call_is_translated_and_split(warm):
     import torch
 
     generator = Generator(CPU)
-    real = warm._pipelines["tiny"]
+    real = warm.pipeline("tiny")
     sizes: list[int] = []
 
     class SmallGpu:
@@ -294,7 +295,7 @@ def test_a_torch_oom_inside_the_pipeline_call_is_translated_and_split(warm):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
             return real(**kwargs)
 
-    generator._pipelines["tiny"] = SmallGpu()
+    generator.cache.adopt(ImageSpec.of("tiny"), SmallGpu())
 
     result = make(generator, [1, 2, 3])
 
@@ -346,7 +347,7 @@ def test_compiled_calls_are_padded_to_their_bucket_and_the_extras_dropped(warm, 
     plain = make(warm, [31, 32, 33])
     settings.SAMPLES = {**settings.SAMPLES, "COMPILE": True, "COMPILE_BUCKETS": [2, 4, 8]}
     sizes: list[int] = []
-    pipe = warm._pipelines["tiny"]
+    pipe = warm.pipeline("tiny")
     original = pipe.__class__.__call__
 
     def spy(self, *args, **kwargs):

@@ -13,8 +13,9 @@ from gpuscheduler import queues
 from gpuscheduler.models import Assignment, AssignmentState, Health
 from personas import integrity
 from personas.imagegen import placeholder_image
-from personas.integrity import samples_repair, samples_sweep, samples_verify
+from personas.integrity import samples_sweep, samples_verify
 from personas.models import RequestState, SampleImage, SampleRequest
+from personas.repair import samples_repair
 from personas.services import sample_image_path, sample_request_refresh, sample_request_submit
 from tests.media import local_path, media_root, store
 

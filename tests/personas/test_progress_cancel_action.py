@@ -122,9 +122,10 @@ def test_change_page_of_an_active_request_polls_and_offers_cancel(admin_client, 
     assert 'data-active="1"' in page
     assert "personas/samples.js" in page
     assert f'action="{cancel_url(request)}"' in page
-    # The cancel form follows the change form instead of sitting inside it.
-    change_form = page.index('id="persona_form"')
-    assert change_form < page.index("</form>", change_form) < page.index('id="cancel-request-form"')
+    # The cancel form comes before the change form (with the progress, under the Generate button)
+    # and ends before it starts: it does not sit inside it.
+    cancel_form = page.index('id="cancel-request-form"')
+    assert cancel_form < page.index("</form>", cancel_form) < page.index('id="persona_form"')
 
 
 def test_change_page_of_a_finished_request_neither_polls_nor_offers_cancel(admin_client, persona, two_gpus):

@@ -9,6 +9,7 @@ from gpuscheduler import queues
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.models import Assignment, AssignmentState
 from personas.attempts import sample_images_commit
+from personas.image_models import default_model, model_key, spec_of
 from personas.imagegen import placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import (
@@ -67,16 +68,20 @@ def test_seeds_wrap_around_at_the_largest_seed(persona_factory, two_gpus):
     assert [request.seed_for(i) for i in range(3)] == [2**32 - 2, 2**32 - 1, 0]
 
 
-def test_a_request_records_who_asked_what_model_and_steps(persona, two_gpus, user_factory, settings):
+def test_a_request_records_who_asked_what_model_and_steps(persona, two_gpus, user_factory):
     user = user_factory()
+    default = default_model()
     submitted = submit(persona, 2, user=user)
     request = submitted.request
-    assert (request.requested_by, request.model, request.steps, request.state) == (
+    assert (request.requested_by, request.image_model, request.steps, request.state) == (
         user,
-        settings.SAMPLES["MODEL"],
-        settings.SAMPLES["STEPS"],
+        default,
+        default.steps,
         RequestState.QUEUED,
     )
+    assert request.model_spec == spec_of(default)
+    assert request.model == spec_of(default)["key"] == model_key(request.model_spec)
+    assert request.model.startswith(f"{default.name}@")
     assert submitted.by_device == {two_gpus[0].label: 1, two_gpus[1].label: 1}
     assert submitted.summary() == f"2 images of {persona.name}: 1 on {two_gpus[0].label}, 1 on {two_gpus[1].label}"
 

@@ -7,9 +7,8 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from gpuscheduler.clock import db_now
 from gpuscheduler.cluster import host_status
-from gpuscheduler.page_reads import device_status
+from gpuscheduler.page_reads import cost_texts, device_status, model_texts
 from gpuscheduler.policies import age_text
-from gpuscheduler.status import cost_texts
 from gpuscheduler.storage import store_status
 
 GIB = 1024**3
@@ -32,8 +31,10 @@ class Command(BaseCommand):
         now = db_now()  # one clock for every age shown: the database's
         rows = device_status(now)
         costs = cost_texts([row["id"] for row in rows])
+        models = model_texts([row["id"] for row in rows])
         for row in rows:
             row["cost"] = costs[row["id"]]
+            row["models"] = models[row["id"]]
         stores = store_status(now)
         hosts = host_status(rows, stores, now)
         stores = [store for store in stores if any(store["host"] == host["host"] for host in hosts)]
@@ -75,6 +76,12 @@ class Command(BaseCommand):
         if worker["missing_reason"]:
             self.stdout.write(f"{'':<18} worker missing: {worker['missing_reason']}")
         self.stdout.write(f"{'':<18} cost: {row['cost']['text']}")
+        if row["models"]:
+            shown = ", ".join(
+                f"{m['name']} ({m['state']}" + (f": {m['reason'][:120]}" if m["reason"] else "") + ")"
+                for m in row["models"]
+            )
+            self.stdout.write(f"{'':<18} models: {shown}")
 
     def _stores(self, stores: list[dict[str, Any]]) -> None:
         for store in stores:

@@ -7,7 +7,13 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from personas.models import Persona
+from personas.image_models import default_model
+from personas.models import ImageModel, Persona
+
+# The second demo model: the tiny model at another size (a new key, so a model of its own to the
+# workers' caches and placement), given to one demo persona.
+SECOND_MODEL = {"name": "tiny-128", "source": "tiny", "width": 128, "height": 128}
+SECOND_MODEL_PERSONA = "captain-nova"
 
 DEMO_PERSONAS = [
     {
@@ -49,15 +55,28 @@ DEMO_PERSONAS = [
 
 
 class Command(BaseCommand):
-    help = "Create a few demo personas and, if no superuser exists, an admin login (printed)."
+    help = (
+        "Create the default image model (from SAMPLES_MODEL) and a second one, a few demo personas and, if no "
+        "superuser exists, an admin login (printed)."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--username", default="admin", help="The superuser to create if none exists.")
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
+        default = default_model()
+        second, made = ImageModel.objects.get_or_create(
+            name=SECOND_MODEL["name"],
+            defaults={**SECOND_MODEL, "steps": default.steps, "guidance_scale": default.guidance_scale},
+        )
+        self.stdout.write(
+            f"Image models: {default.name} (the default), {second.name} ({'created' if made else 'already there'})."
+        )
         created = 0
         for data in DEMO_PERSONAS:
-            _, was_created = Persona.objects.get_or_create(slug=data["slug"], defaults=data)
+            # A persona made now gets its demo model; one already there keeps whatever it was given since.
+            extra = {"image_model": second} if data["slug"] == SECOND_MODEL_PERSONA else {}
+            _, was_created = Persona.objects.get_or_create(slug=data["slug"], defaults={**data, **extra})
             created += was_created
         self.stdout.write(f"Demo personas: {created} created, {len(DEMO_PERSONAS) - created} already there.")
         User = get_user_model()

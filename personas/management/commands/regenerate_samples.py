@@ -13,9 +13,10 @@ from config.numbers import is_ascii_int
 from gpuscheduler import queues
 from gpuscheduler.assignments import NoDeviceAvailable, assignments_place
 from gpuscheduler.selectors import device_resolve
-from personas.models import Persona, RequestSource, RequestState
+from personas.image_models import ModelUnavailable, model_for, model_named, spec_name, spec_of
+from personas.models import ImageModel, Persona, RequestSource, RequestState
 from personas.runner import SyncRunner, WaitReport, requests_wait
-from personas.services import RequestAlreadyActive, sample_request_submit, validate_count
+from personas.services import RequestAlreadyActive, images_text, sample_request_submit, validate_count
 
 DEFAULT_TIMEOUT = 3600.0
 
@@ -30,6 +31,12 @@ class Command(BaseCommand):
         parser.add_argument("--all", action="store_true", help="Every persona.")
         parser.add_argument("--count", default=None, help="Images per persona (default: each persona's own count).")
         parser.add_argument("--device", default=None, help="Run on this device only: UUID, NVML index or 'cpu'.")
+        parser.add_argument(
+            "--model",
+            default=None,
+            metavar="NAME",
+            help="Use this image model (its name in the admin) for this run instead of each persona's own.",
+        )
         parser.add_argument(
             "--wait", action="store_true", help="Block until every job ends; show progress and a summary."
         )
@@ -68,13 +75,12 @@ class Command(BaseCommand):
             raise CommandError("--timeout applies only to --wait: add --wait, or leave --timeout out.")
         if not 0 < options["timeout"] <= 7 * 86400:
             raise CommandError("--timeout must be between 0 and 604800 seconds.")
+        model = self.resolve_model(options["model"])
         if options["dry_run"]:
-            self.dry_run(personas, counts, options)
+            self.dry_run(personas, counts, model, options)
             return
         if options["sync"]:
-            runner = SyncRunner.for_device(options["device"], stderr=self.stderr)
-            report = runner.run(personas, counts)
-            self.finish(report, started, options)
+            self.run_here(personas, counts, model, started, options)
             return
         device = None
         if options["device"]:
@@ -95,11 +101,15 @@ class Command(BaseCommand):
         for position, persona in enumerate(personas):
             try:
                 submitted = sample_request_submit(
-                    persona=persona, count=counts[persona.pk], device=device, source=RequestSource.COMMAND
+                    persona=persona, count=counts[persona.pk], device=device, source=RequestSource.COMMAND, model=model
                 )
             except RequestAlreadyActive as exc:
                 skipped.append(str(exc))
                 self.stderr.write(f"skipped: {exc}")
+                continue
+            except ModelUnavailable as exc:  # this persona's model; the others may take theirs
+                skipped.append(f"{persona} was not queued: {exc}")
+                self.stderr.write(f"not queued ({persona.name}): {exc}")
                 continue
             except NoDeviceAvailable as exc:
                 # No device can take work for anyone (it does not depend on the persona): queue
@@ -112,8 +122,9 @@ class Command(BaseCommand):
             if not options["json"]:
                 self.stdout.write(f"queued {submitted.summary()}")
         if options["wait"] and requests:
+            # The bar on stdout (not in stderr's error style); with --json stdout is the JSON alone.
             report = requests_wait(
-                requests, timeout=options["timeout"], stderr=self.stderr, progress=not options["json"]
+                requests, timeout=options["timeout"], out=self.stdout, stderr=self.stderr, progress=not options["json"]
             )
         else:
             report = WaitReport.from_requests(requests, finished=False)
@@ -152,6 +163,27 @@ class Command(BaseCommand):
                 personas.append(persona)
         return personas
 
+    def resolve_model(self, name: str | None) -> ImageModel | None:
+        if name is None:
+            return None
+        try:
+            return model_named(name.strip())
+        except ModelUnavailable as exc:
+            raise CommandError(f"--model: {exc}") from None
+
+    def run_here(
+        self,
+        personas: list[Persona],
+        counts: dict[int, int],
+        model: ImageModel | None,
+        started: float,
+        options: dict[str, Any],
+    ) -> None:
+        """--sync: personas whose model takes no requests are skipped with the reason."""
+        runner = SyncRunner.for_device(options["device"], stderr=self.stderr)
+        report = runner.run(personas, counts, model=model)
+        self.finish(report, started, options)
+
     def resolve_counts(self, personas: list[Persona], count: str | None) -> dict[int, int]:
         try:
             if count is not None:
@@ -161,7 +193,9 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(f"--count: {exc.messages[0]}") from None
 
-    def dry_run(self, personas: list[Persona], counts: dict[int, int], options: dict[str, Any]) -> None:
+    def dry_run(
+        self, personas: list[Persona], counts: dict[int, int], model: ImageModel | None, options: dict[str, Any]
+    ) -> None:
         device = None
         if options["device"]:
             device = device_resolve(options["device"])
@@ -172,10 +206,16 @@ class Command(BaseCommand):
                 )
         from personas.models import SampleRequest
 
-        plan = []
+        plan: list[dict[str, Any]] = []
+        skipped = []
         try:
             with transaction.atomic():
                 for persona in personas:
+                    try:
+                        chosen = model_for(persona, override=model)
+                    except ModelUnavailable as exc:
+                        skipped.append(f"{persona} would not be queued: {exc}")
+                        continue
                     # Place on a throwaway request so later personas see earlier ones' load; roll back.
                     request = SampleRequest.objects.create(
                         persona=persona,
@@ -185,40 +225,67 @@ class Command(BaseCommand):
                         steps=1,
                         state=RequestState.CANCELLED,
                     )
-                    for a in assignments_place(request_id=request.pk, count=counts[persona.pk], pinned_device=device):
+                    placed = assignments_place(
+                        request_id=request.pk,
+                        count=counts[persona.pk],
+                        pinned_device=device,
+                        model=spec_of(chosen)["key"],
+                        steps=chosen.steps,
+                    )
+                    for a in placed:
                         plan.append(
                             {
                                 "persona": persona.slug,
+                                "model": chosen.name,
                                 "images": a.image_count,
                                 "device": a.planned_device.uuid,
+                                "device_label": a.planned_device.label,
                                 "reason": a.reason,
                             }
                         )
-                transaction.set_rollback(True)
+                transaction.set_rollback(True)  # a default model made by model_for goes too
         except NoDeviceAvailable as exc:
             raise CommandError(str(exc)) from exc
         if options["json"]:
-            self.stdout.write(json.dumps({"dry_run": True, "requested": sum(counts.values()), "plan": plan}, indent=2))
+            out = {"dry_run": True, "requested": sum(counts.values()), "plan": plan, "skipped": skipped}
+            self.stdout.write(json.dumps(out, indent=2))
             return
         for row in plan:
-            self.stdout.write(f"{row['persona']}: {row['images']} images -> {row['device']} ({row['reason']})")
+            self.stdout.write(
+                # The reason starts with the device's label ("SIM 0 H100: 12% memory used, ...").
+                f"{row['persona']}: {images_text(row['images'])} -> {row['device']} ({row['reason']}); "
+                f"model {row['model']}"
+            )
+        for line in skipped:
+            self.stdout.write(line)
         self.stdout.write("Dry run: nothing was written or queued.")
 
     def finish(self, report: WaitReport, started: float, options: dict[str, Any]) -> None:
-        summary = report.as_dict(seconds=time.monotonic() - started)
+        summary = with_models(report.as_dict(seconds=time.monotonic() - started), report)
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
         elif options["wait"] or options["sync"]:
             self.stdout.write(
-                f"{summary['succeeded']} of {summary['requested']} images made, {summary['failed']} failed, "
+                f"{summary['succeeded']} of {images_text(summary['requested'])} made, {summary['failed']} failed, "
                 f"in {summary['seconds']:.1f} s"
             )
-            for uuid, images in summary["by_device"].items():
-                self.stdout.write(f"  {uuid}: {images} images")
+            for row in summary["by_device"]:
+                self.stdout.write(f"  {row['label']}: {images_text(row['images'])} ({row['uuid']})")
         if report.timed_out:
             self.stderr.write("Timed out before every job ended; the rest goes on in the workers.")
         if summary["failed"] or report.skipped or report.timed_out:
             sys.exit(1)
+
+
+def with_models(summary: dict[str, Any], report: WaitReport) -> dict[str, Any]:
+    """The report with the model of each request and image: its name and key, as recorded."""
+    specs = {r.pk: r.model_spec for r in report.requests}
+    for row, request in zip(summary["requests"], report.requests, strict=True):
+        row["model"] = {"name": spec_name(request.model_spec, request.model), "key": request.model}
+    for row, image in zip(summary["images"], report.images, strict=True):
+        spec = specs.get(image.request_id or 0, {})
+        row["model"] = {"name": spec_name(spec, image.model), "key": image.model}
+    return summary
 
 
 def _digits_hint(text: str) -> str:

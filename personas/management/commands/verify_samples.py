@@ -7,7 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from config.storage import samples_storage, storage_errors, storage_where
-from personas.integrity import GRACE_SECONDS, SamplesReport, samples_repair, samples_verify
+from personas.integrity import GRACE_SECONDS, SamplesReport, samples_verify
+from personas.repair import samples_repair
 
 
 class Command(BaseCommand):

@@ -1,5 +1,6 @@
-// Keeps a persona's "Sample images" panel up to date while its latest request is queued or running:
-// polls the progress JSON, redraws the progress panel and adds new images to the gallery, then stops.
+// Keeps a persona's sample progress panel (above the form) up to date while its latest request is queued
+// or running: polls the progress JSON, redraws the panel and adds new images to the gallery (below the
+// form), then stops.
 // Everything is built with textContent (never innerHTML): prompts, errors and labels are user data.
 (function () {
   "use strict";
@@ -41,6 +42,8 @@
       error.textContent = data.error || "";
       error.hidden = !data.error;
     }
+    const cancel = document.getElementById("cancel-request-form");
+    if (cancel) cancel.dataset.running = String(data.running || 0);
     const body = document.getElementById("request-attempts");
     if (body) {
       const rows = data.attempts.map((a) => {
@@ -75,6 +78,8 @@
       element("span", "seed", "seed " + image.seed),
       document.createElement("br"),
       element("span", "device", image.device || "unknown device"),
+      document.createElement("br"),
+      element("span", "model", image.model || ""),
     );
     figure.append(img, caption);
     return figure;
@@ -149,8 +154,21 @@
     window.setTimeout(poll, INTERVAL_MS);
   }
 
+  // Cancelling while jobs make images drops the queued ones only: say so and ask first. The form
+  // stays a plain POST with its CSRF token; without JavaScript it posts at once.
+  function confirmCancel(event) {
+    const running = Number(event.currentTarget.dataset.running || 0);
+    if (running < 1) return;
+    const text =
+      running + (running === 1 ? " job is" : " jobs are") + " making images right now. Cancel the request? " +
+      "The queued jobs are dropped; the running ones finish and keep their images.";
+    if (!window.confirm(text)) event.preventDefault();
+  }
+
   function init() {
-    const panel = document.getElementById("persona-samples");
+    const cancel = document.getElementById("cancel-request-form");
+    if (cancel) cancel.addEventListener("submit", confirmCancel);
+    const panel = document.getElementById("sample-progress");
     if (panel && panel.dataset.progressUrl && panel.dataset.active) start(panel);
   }
 
