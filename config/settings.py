@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -132,6 +133,28 @@ STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     SAMPLES_ALIAS: samples_storage_settings(media_dir=MEDIA_ROOT),
 }
+
+
+def _serve_prefix() -> str:
+    """SAMPLES_SERVE_PREFIX: the front server's internal location of MEDIA_DIR, e.g. /protected-samples/."""
+    prefix = env_str("SAMPLES_SERVE_PREFIX", "/protected-samples/")
+    # It starts every X-Accel-Redirect header: plain URL path segments only, no '..'.
+    if not re.fullmatch(r"/([A-Za-z0-9._~-]+/)+", prefix) or "/../" in prefix or "/./" in prefix:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            f"SAMPLES_SERVE_PREFIX={prefix!r} is not a location: it must start and end with '/' and hold only "
+            "letters, digits, '.', '_', '~', '-' and '/' (e.g. /protected-samples/, nginx's `internal` location)."
+        )
+    return prefix
+
+
+# How the image view hands a sample file over once it has checked the permission: `django` streams it;
+# `x-accel-redirect` (nginx) and `x-sendfile` (Apache, lighttpd) answer with an empty body and a header,
+# and the front server sends the file from MEDIA_DIR. Only for a folder storage: S3 redirects to a
+# signed URL (check samples.W004).
+SAMPLES_SERVE = env_choice("SAMPLES_SERVE", "django", ("django", "x-accel-redirect", "x-sendfile"))
+SAMPLES_SERVE_PREFIX = _serve_prefix()
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False

@@ -106,3 +106,27 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
     return problems
+
+
+@register()
+def check_samples_serving(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    """SAMPLES_SERVE's header modes need a folder the front server reads; object storage has none."""
+    from config.storage import samples_storage, storage_local_path
+
+    if settings.SAMPLES_SERVE == "django":
+        return []
+    try:
+        folder = storage_local_path(samples_storage()) is not None
+    except Exception:  # S3 without django-storages: samples.E001 says so
+        folder = False
+    if folder:
+        return []
+    return [
+        Warning(
+            f"SAMPLES_SERVE={settings.SAMPLES_SERVE} applies only to a folder storage (SAMPLES_STORAGE=filesystem): "
+            "with object storage the image view redirects to a signed URL, or streams the image itself when "
+            "S3_SIGNED_URL_SECONDS=0, and sends no header to the front server.",
+            hint="Unset SAMPLES_SERVE (or set it to django) with SAMPLES_STORAGE=s3.",
+            id="samples.W004",
+        )
+    ]

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import logging
+import mimetypes
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
+from urllib.parse import quote
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AdminIntegerFieldWidget, AdminTextareaWidget
@@ -14,9 +18,10 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpRe
 from django.http.response import HttpResponseBase
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
-from config.storage import samples_storage, storage_errors, storage_signed_url
+from config.storage import samples_storage, storage_errors, storage_local_path, storage_signed_url
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
@@ -186,23 +191,38 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()
         if image is None or not self.has_view_permission(request, image.persona):
             raise Http404("No such image.")
+        # The name comes from the row, never from the request; still, a row naming a path that climbs out
+        # of the store or an absolute one reaches neither the storage nor a front server's header.
+        name = image.image.name
+        if not name or ".." in name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
+            raise Http404("No such image.")
         storage = samples_storage()
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         try:
-            signed = storage_signed_url(storage, image.image.name)
+            signed = storage_signed_url(storage, name)
             if signed is not None:
                 # Object storage: the browser fetches the bytes from the bucket with a URL that works for
                 # S3_SIGNED_URL_SECONDS. admin_view adds never-cache: each view gets a fresh URL.
                 response: HttpResponseBase = HttpResponseRedirect(signed[0])
                 response["Cache-Control"] = "private"
                 return response
-            handle = storage.open(image.image.name, "rb")
+            local = storage_local_path(storage, name) if settings.SAMPLES_SERVE != "django" else None
+            if local is not None:
+                # SAMPLES_SERVE: the front server sends the file from MEDIA_DIR, the permission checked here.
+                response = HttpResponse(content_type=content_type)
+                if settings.SAMPLES_SERVE == "x-accel-redirect":
+                    response["X-Accel-Redirect"] = settings.SAMPLES_SERVE_PREFIX + quote(name)
+                else:
+                    response["X-Sendfile"] = str(local)
+            else:
+                # FileResponse closes the file once the response is sent.
+                response = FileResponse(storage.open(name, "rb"), content_type=content_type)
         except (FileNotFoundError, SuspiciousOperation):  # a row naming a path outside the store, too
             raise Http404("The image file is missing.") from None
         except storage_errors() as exc:
             log.error("image %s: the media store cannot be read: %s", image.pk, exc)
             return HttpResponse(f"The media store cannot be read: {exc}", status=503, content_type="text/plain")
-        # FileResponse closes the file once the response is sent.
-        response = FileResponse(handle, content_type="image/png")
+        response["Content-Disposition"] = content_disposition_header(False, PurePosixPath(name).name) or "inline"
         response["Cache-Control"] = "private, max-age=3600"
         return response
 

@@ -71,3 +71,29 @@ def test_a_default_model_that_does_not_load_takes_only_that_pair_out(cluster, pe
     request = sample_request_submit(persona=persona_factory(image_model=good), count=1).request
     wait_succeeded(request, cluster)
     assert rows(device)[spec_of(good)["key"]] == (ModelState.WARM, 1)
+
+
+def test_two_models_alternating_over_two_devices_load_each_at_most_once_per_device(cluster, persona_factory):
+    cluster.configure(GPU_SIMULATED="sim*2", GPU_MODEL_CACHE="2")
+    alpha = make_default("alpha", "simulated:0.05")
+    beta = ImageModel.objects.create(name="beta", source="simulated:0.05", dtype="float32", steps=2)
+    cluster.start("gpuworkers")
+    cluster.wait_workers(expect=2)
+    warm_up = {(r.device_id, r.model): r.loads for r in DeviceModel.objects.all()}
+    assert set(warm_up.values()) == {1}, "each worker warmed the default model once"
+
+    requests = []
+    for i in range(8):  # alpha, beta, alpha, ... in two waves, each spread over both devices
+        model = alpha if i % 2 == 0 else beta
+        requests.append(sample_request_submit(persona=persona_factory(image_model=model), count=4).request)
+        if i == 3:
+            for request in requests:
+                wait_succeeded(request, cluster)
+    for request in requests:
+        wait_succeeded(request, cluster)
+
+    keys = {spec_of(alpha)["key"], spec_of(beta)["key"]}
+    assert set(SampleImage.objects.values_list("model", flat=True)) == keys
+    loads = {(r.device_id, r.model): r.loads for r in DeviceModel.objects.all()}
+    assert all(n <= 1 for n in loads.values()), f"a model loaded twice on one device: {loads}"
+    assert {r.state for r in DeviceModel.objects.all()} == {ModelState.WARM}, "a cache of two evicts neither"
