@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from django.db import IntegrityError, transaction
 
@@ -114,7 +115,9 @@ def curves_for(device_ids: Iterable[int], *, model: str | None = None, steps: in
 
     A device without a curve of its own for these steps borrows, in this order: its own curve for
     the model at the nearest other step count, scaled by the steps (a diffusion call costs about
-    in proportion to its steps); the median of the other devices' curves; the prior.
+    in proportion to its steps); the median of the other devices' curves; where no device has
+    timed the model yet, the median of its own curves of other models (scaled by the steps: one
+    more query), which says more of a device than the prior; the prior.
     """
     if model is None:
         model, default_steps = workloads.default_key_and_steps()
@@ -133,7 +136,22 @@ def curves_for(device_ids: Iterable[int], *, model: str | None = None, steps: in
             nearest = min(candidates, key=lambda r: (abs(r.steps - steps), r.steps))
             exact[device_id] = scaled(curve_from_row(nearest), steps / max(nearest.steps, 1))
     fallback = peer_curve(list(exact.values()))
+    if fallback is PRIOR and ids:
+        return _from_other_models(ids, model=model, steps=steps)
     return {device_id: exact.get(device_id, fallback) for device_id in ids}
+
+
+def _from_other_models(ids: list[int], *, model: str, steps: int) -> dict[int, Curve]:
+    """Each device's curves of other models, scaled to `steps`, as one curve (their median); the
+    prior for a device that has timed no model."""
+    mine: dict[int, list[Curve]] = {}
+    for row in CostCurve.objects.filter(device_id__in=ids).exclude(model=model):
+        mine.setdefault(row.device_id, []).append(scaled(curve_from_row(row), steps / max(row.steps, 1)))
+    shown = {}
+    for device_id in ids:
+        median_curve = peer_curve(mine.get(device_id, []))
+        shown[device_id] = replace(median_curve, source="models") if median_curve is not PRIOR else PRIOR
+    return shown
 
 
 def best_call_size(curve: Curve) -> int:

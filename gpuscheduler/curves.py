@@ -49,7 +49,8 @@ class Curve:
     knee: float = 1.0
     calls: int = 0  # how many timed calls it rests on; 0 for a prior (a guess)
     sizes: int = 0  # how many distinct call sizes were seen
-    source: str = "learned"  # "learned", "peers" (borrowed from other devices) or "prior"
+    # "learned", "peers" (borrowed from other devices), "models" (from the device's other models) or "prior"
+    source: str = "learned"
 
     def cost(self, images: int) -> float:
         if images <= 0:
@@ -93,6 +94,8 @@ class Curve:
             rests = f"rests on {self.calls} call{'s' if self.calls != 1 else ''}"
         elif self.source == "peers":
             rests = "no calls of its own yet: borrowed from its peers"
+        elif self.source == "models":
+            rests = "no calls of this model yet: as its other models cost"
         else:
             rests = "no calls timed yet: a guess"
         return f"{text}; {best} ({rests})"

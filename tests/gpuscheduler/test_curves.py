@@ -146,3 +146,20 @@ def test_devices_without_calls_borrow_from_their_peers_then_from_other_step_coun
     )
     assert costs.curves_for([new.pk])[new.pk].per_image == pytest.approx(0.5)
     assert costs.needs_calibration(device=new, model=model, steps=steps)
+
+
+def test_a_model_nobody_has_timed_costs_what_the_devices_other_models_cost(device_factory):
+    from gpuscheduler.costs import curves_for
+    from gpuscheduler.models import CostCurve
+
+    timed, fresh = device_factory("H100"), device_factory("T4")
+    CostCurve.objects.create(
+        device=timed, model="other@00000000", steps=10, fixed_seconds=1.0, per_image_seconds=0.2, calls=30, sizes=3
+    )
+
+    curves = curves_for([timed.pk, fresh.pk], model="new@11111111", steps=20)
+
+    assert curves[timed.pk].source == "models"
+    assert (curves[timed.pk].fixed, curves[timed.pk].per_image) == pytest.approx((2.0, 0.4))  # twice the steps
+    assert "no calls of this model yet: as its other models cost" in curves[timed.pk].describe(16)
+    assert curves[fresh.pk].source == "prior"  # it has timed nothing
