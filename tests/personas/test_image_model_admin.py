@@ -292,7 +292,7 @@ def test_a_bulk_delete_that_meets_a_model_in_use_at_the_last_moment_deletes_noth
     changelist = reverse("admin:personas_imagemodel_changelist")
 
     # A persona chooses `second` between the confirmation page's check and the delete.
-    from personas import admin as personas_admin
+    from personas import admin_models as personas_admin
 
     checked = personas_admin.ImageModelAdmin.get_deleted_objects
 
