@@ -42,7 +42,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from harness import postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 64
@@ -88,7 +89,7 @@ def main() -> None:
         results["sqlite"] = spawn("sqlite", f"sqlite:///{work / 'bench.sqlite3'}", work, args)
         url = os.environ.get("DATABASE_URL", "")
         if url.startswith(("postgres://", "postgresql://", "pgsql://")):
-            with postgres_database(url) as bench_url:
+            with postgres_database(url, "bench_placement") as bench_url:
                 results["postgresql"] = spawn("postgresql", bench_url, work, args)
         else:
             print("DATABASE_URL names no PostgreSQL database: timing SQLite only.", file=sys.stderr)
@@ -122,28 +123,6 @@ def spawn(backend: str, url: str, work: Path, args: argparse.Namespace) -> dict[
         raise SystemExit(f"the {backend} run failed")
     sys.stderr.write(done.stderr)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-class postgres_database:
-    """A throwaway database on the server DATABASE_URL points at."""
-
-    def __init__(self, url: str) -> None:
-        self.parts = urlsplit(url)
-        self.name = f"bench_placement_{os.getpid()}"
-
-    def _admin(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(urlunsplit(self.parts._replace(path="/postgres")), autocommit=True)
-
-    def __enter__(self) -> str:
-        with self._admin() as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
-        return urlunsplit(self.parts._replace(path=f"/{self.name}"))
-
-    def __exit__(self, *exc: object) -> None:
-        with self._admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> bool:

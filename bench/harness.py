@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = [sys.executable, str(ROOT / "manage.py")]
@@ -127,3 +128,25 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class postgres_database:
+    """A throwaway database, `<prefix>_<pid>`, on the server `url` points at; dropped on exit."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.parts = urlsplit(url)
+        self.name = f"{prefix}_{os.getpid()}"
+
+    def _admin(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(urlunsplit(self.parts._replace(path="/postgres")), autocommit=True)
+
+    def __enter__(self) -> str:
+        with self._admin() as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return urlunsplit(self.parts._replace(path=f"/{self.name}"))
+
+    def __exit__(self, *exc: object) -> None:
+        with self._admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
