@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import postgres_database
+from harness import child_run, each_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 200.0
@@ -56,43 +53,14 @@ def main() -> None:
         print(json.dumps(run_child(args)))
         return
 
-    results: dict[str, dict[str, Any]] = {}
-    work = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
-    try:
-        results["sqlite"] = spawn("sqlite", f"sqlite:///{work / 'bench.sqlite3'}", work, args)
-        url = os.environ.get("DATABASE_URL", "")
-        if url.startswith(("postgres://", "postgresql://", "pgsql://")):
-            with postgres_database(url, "bench_metrics") as bench_url:
-                results["postgresql"] = spawn("postgresql", bench_url, work, args)
-        else:
-            print("DATABASE_URL names no PostgreSQL database: timing SQLite only.", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    missed = print_table(results, args)
+    options = ["--scrapes", str(args.scrapes), "--devices", str(args.devices)]
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12")
+
+    def run(backend: str, url: str, work: Path) -> dict[str, Any]:
+        return child_run(__file__, backend, url, work, options, REDIS_URL=redis, METRICS_TOKEN=TOKEN)
+
+    missed = print_table(each_backend("bench-metrics", run), args)
     sys.exit(1 if missed else 0)
-
-
-def spawn(backend: str, url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATA_DIR": str(work / backend),
-        "DATABASE_URL": url,
-        "DJANGO_DEBUG": "false",  # no query log in memory
-        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/12"),
-        "METRICS_TOKEN": TOKEN,
-        "PYTHONPATH": str(ROOT),
-    }
-    (work / backend).mkdir(exist_ok=True)
-    command = [sys.executable, __file__, "--child", backend, "--scrapes", str(args.scrapes)]
-    command += ["--devices", str(args.devices)]
-    print(f"{backend}: filling and timing (a minute or two)...", file=sys.stderr)
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"the {backend} run failed")
-    sys.stderr.write(done.stderr)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> bool:

@@ -150,3 +150,46 @@ class postgres_database:
     def __exit__(self, *exc: object) -> None:
         with self._admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def each_backend(prefix: str, run: Callable[[str, str, Path], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`run(backend, database_url, work_dir)` on a temporary SQLite file, then on PostgreSQL when
+    DATABASE_URL names one (in a throwaway database of its own there); the results by backend."""
+    results: dict[str, dict[str, Any]] = {}
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    try:
+        results["sqlite"] = run("sqlite", f"sqlite:///{work / 'bench.sqlite3'}", work)
+        url = os.environ.get("DATABASE_URL", "")
+        if url.startswith(("postgres://", "postgresql://", "pgsql://")):
+            with postgres_database(url, prefix.replace("-", "_")) as bench_url:
+                results["postgresql"] = run("postgresql", bench_url, work)
+        else:
+            print("DATABASE_URL names no PostgreSQL database: timing SQLite only.", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def child_run(script: str, backend: str, url: str, work: Path, options: list[str], **env: str) -> dict[str, Any]:
+    """Run `script --child BACKEND OPTIONS` in a process of its own (Django's settings are fixed once
+    per process) on the database `url`, DATA_DIR under `work`; returns the JSON its last line prints."""
+    import json
+
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATA_DIR": str(work / backend),
+        "DATABASE_URL": url,
+        "DJANGO_DEBUG": "false",  # no query log in memory
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    (work / backend).mkdir(exist_ok=True)
+    print(f"{backend}: filling and timing...", file=sys.stderr)
+    command = [sys.executable, script, "--child", backend, *options]
+    done = subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"the {backend} run failed")
+    sys.stderr.write(done.stderr)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -263,6 +263,9 @@ SAMPLES = {
     "GUIDANCE": env_float("SAMPLES_GUIDANCE", 7.5, minimum=0, maximum=50),
     "JOB_TIMEOUT": env_int("SAMPLES_JOB_TIMEOUT", 600, minimum=5, maximum=86400),
     "MAX_ATTEMPTS": env_int("SAMPLES_MAX_ATTEMPTS", 3, minimum=1, maximum=20),
+    # The thumbnail stored beside each image (personas/thumbnails.py): its longest side, and format.
+    "THUMBNAIL_SIZE": env_int("SAMPLES_THUMBNAIL_SIZE", 256, minimum=32, maximum=1024),
+    "THUMBNAIL_FORMAT": env_choice("SAMPLES_THUMBNAIL_FORMAT", "webp", ("webp", "jpeg")),
 }
 
 # LOG_FORMAT=json: one JSON object per line (time, level, logger, message, exception) for log shippers.

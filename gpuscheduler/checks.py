@@ -130,3 +130,22 @@ def check_samples_serving(app_configs: Any = None, **kwargs: Any) -> list[Warnin
             id="samples.W004",
         )
     ]
+
+
+@register()
+def check_thumbnail_format(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    """SAMPLES_THUMBNAIL_FORMAT=webp needs a Pillow built with libwebp (the wheels are)."""
+    from PIL import features
+
+    from gpuscheduler.conf import samples_config
+
+    if samples_config()["THUMBNAIL_FORMAT"] != "webp" or features.check("webp"):
+        return []
+    return [
+        Warning(
+            "SAMPLES_THUMBNAIL_FORMAT=webp, but this Pillow cannot write WebP: images get no thumbnail, and the "
+            "gallery shows the full PNGs.",
+            hint="Set SAMPLES_THUMBNAIL_FORMAT=jpeg, or install a Pillow built with libwebp (its wheels are).",
+            id="samples.W005",
+        )
+    ]

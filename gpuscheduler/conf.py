@@ -39,6 +39,8 @@ SAMPLES_DEFAULTS: dict[str, Any] = {
     "GUIDANCE": 7.5,
     "JOB_TIMEOUT": 600,
     "MAX_ATTEMPTS": 3,
+    "THUMBNAIL_SIZE": 256,
+    "THUMBNAIL_FORMAT": "webp",
 }
 
 

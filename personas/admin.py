@@ -1,27 +1,21 @@
 from __future__ import annotations
 
 import logging
-import mimetypes
-from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
-from urllib.parse import quote
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AdminIntegerFieldWidget, AdminTextareaWidget
-from django.core.exceptions import SuspiciousOperation
+from django.core.paginator import Page
 from django.db import models
-from django.db.models import Count, QuerySet, Subquery
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.urls import path, reverse
 from django.utils.html import format_html
-from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
-from config.storage import samples_storage, storage_errors, storage_local_path, storage_signed_url
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Device
 from gpuscheduler.views import OutOfRangeLookupMixin, staff_view
@@ -30,11 +24,32 @@ from personas.forms import PersonaAdminForm
 from personas.models import ACTIVE_REQUEST_STATES, ImageModel, Persona, SampleImage, SampleRequest
 from personas.selectors import persona_gallery, request_progress
 from personas.services import sample_images_delete
+from personas.serving import sample_file_response, thumbnail_file_response
 
 log = logging.getLogger(__name__)
 
 # The product's name in every admin page's header and title (templates/admin/base_site.html adds its icon).
 admin.site.site_header = admin.site.site_title = "Persona samples"
+
+
+GALLERY_PARAM = "gallery"  # the gallery page's query parameter on the persona's change page
+
+
+def gallery_page_links(request: HttpRequest, page: Page[Any]) -> dict[str, Any]:
+    """Links to the gallery's newer and older pages; the page's other parameters (the changelist's
+    filters that the admin carries along) are kept."""
+
+    def link(number: int) -> str:
+        query = request.GET.copy()
+        query[GALLERY_PARAM] = str(number)
+        return f"?{query.urlencode()}#persona-samples"
+
+    return {
+        "newer": link(page.previous_page_number()) if page.has_previous() else None,
+        "older": link(page.next_page_number()) if page.has_next() else None,
+        "number": page.number,
+        "count": page.paginator.num_pages,
+    }
 
 
 def _explain_active_requests(request: HttpRequest, perms_needed: set[str]) -> set[str]:
@@ -68,7 +83,7 @@ class ActiveRequestFilter(admin.SimpleListFilter):
 @admin.register(Persona)
 class PersonaAdmin(OutOfRangeLookupMixin):
     form = PersonaAdminForm
-    list_display = ["name", "slug", "model_name", "default_sample_count", "image_total", "updated"]
+    list_display = ["name", "newest_sample", "slug", "model_name", "default_sample_count", "image_total", "updated"]
     list_filter = [ActiveRequestFilter, "image_model", "created", "updated"]
     list_select_related = ["image_model"]
     search_fields = ["name", "slug", "description", "appearance_prompt"]
@@ -92,10 +107,24 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         match = getattr(request, "resolver_match", None)
         if match is not None and match.url_name == f"{self.opts.app_label}_{self.opts.model_name}_changelist":
             default = ImageModel.objects.filter(is_default=True).values("name")[:1]
+            newest = SampleImage.objects.filter(persona=OuterRef("pk")).order_by("-id").values("pk")[:1]
             queryset = queryset.annotate(
-                image_total=Count("sample_images", distinct=True), default_model_name=Subquery(default)
+                image_total=Count("sample_images", distinct=True),
+                default_model_name=Subquery(default),
+                newest_image_id=Subquery(newest),
             )
         return queryset
+
+    @admin.display(description="Newest sample")
+    def newest_sample(self, obj: Persona) -> str | None:
+        image_id = getattr(obj, "newest_image_id", None)
+        if image_id is None:
+            return None  # the admin's empty value
+        return format_html(
+            '<img class="persona-thumbnail" src="{}" alt="Newest sample of {}" width="48" height="48" loading="lazy">',
+            reverse("admin:personas_persona_thumbnail", args=[image_id]),
+            obj.name,
+        )
 
     @admin.display(description="Images", ordering="image_total")
     def image_total(self, obj: Persona) -> int:
@@ -146,6 +175,11 @@ class PersonaAdmin(OutOfRangeLookupMixin):
                 staff_view(self.admin_site, self.image_view),
                 name=f"{prefix}_image",
             ),
+            path(
+                "image/<int:image_id>/thumbnail/",
+                staff_view(self.admin_site, self.thumbnail_view),
+                name=f"{prefix}_thumbnail",
+            ),
             *super().get_urls(),
         ]
 
@@ -155,7 +189,8 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         persona = self.get_object(request, unquote(object_id))
         context = dict(extra_context or {})
         if persona is not None:
-            context.update(persona_gallery(persona=persona))
+            context.update(persona_gallery(persona=persona, page=request.GET.get(GALLERY_PARAM)))
+            context["gallery_pages"] = gallery_page_links(request, context["sample_page"])
             latest = context["latest_request"]
             context["progress"] = request_progress(request=latest) if latest else None
             context["can_generate"] = self.has_change_permission(request, persona)
@@ -178,43 +213,18 @@ class PersonaAdmin(OutOfRangeLookupMixin):
         admin_views.regenerate_samples(self, request, queryset)
 
     def image_view(self, request: HttpRequest, image_id: int) -> HttpResponseBase:
+        image = self._viewable_image(request, image_id)
+        return sample_file_response(image.image.name, image_id=image.pk)
+
+    def thumbnail_view(self, request: HttpRequest, image_id: int) -> HttpResponseBase:
+        image = self._viewable_image(request, image_id)
+        return thumbnail_file_response(image.image.name, image.thumbnail, image_id=image.pk)
+
+    def _viewable_image(self, request: HttpRequest, image_id: int) -> SampleImage:
         image = SampleImage.objects.select_related("persona").filter(pk=image_id).first()
         if image is None or not self.has_view_permission(request, image.persona):
             raise Http404("No such image.")
-        # The name comes from the row, never from the request; still, a row naming a path that climbs out
-        # of the store or an absolute one reaches neither the storage nor a front server's header.
-        name = image.image.name
-        if not name or ".." in name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
-            raise Http404("No such image.")
-        storage = samples_storage()
-        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        try:
-            signed = storage_signed_url(storage, name)
-            if signed is not None:
-                # Object storage: the browser fetches the bytes from the bucket with a URL that works for
-                # S3_SIGNED_URL_SECONDS. admin_view adds never-cache: each view gets a fresh URL.
-                response: HttpResponseBase = HttpResponseRedirect(signed[0])
-                response["Cache-Control"] = "private"
-                return response
-            local = storage_local_path(storage, name) if settings.SAMPLES_SERVE != "django" else None
-            if local is not None:
-                # SAMPLES_SERVE: the front server sends the file from MEDIA_DIR, the permission checked here.
-                response = HttpResponse(content_type=content_type)
-                if settings.SAMPLES_SERVE == "x-accel-redirect":
-                    response["X-Accel-Redirect"] = settings.SAMPLES_SERVE_PREFIX + quote(name)
-                else:
-                    response["X-Sendfile"] = str(local)
-            else:
-                # FileResponse closes the file once the response is sent.
-                response = FileResponse(storage.open(name, "rb"), content_type=content_type)
-        except (FileNotFoundError, SuspiciousOperation):  # a row naming a path outside the store, too
-            raise Http404("The image file is missing.") from None
-        except storage_errors() as exc:
-            log.error("image %s: the media store cannot be read: %s", image.pk, exc)
-            return HttpResponse(f"The media store cannot be read: {exc}", status=503, content_type="text/plain")
-        response["Content-Disposition"] = content_disposition_header(False, PurePosixPath(name).name) or "inline"
-        response["Cache-Control"] = "private, max-age=3600"
-        return response
+        return image
 
     def get_deleted_objects(
         self, objs: Any, request: HttpRequest

@@ -34,6 +34,7 @@ from personas.commit import CallSummary, Written, commit_call, commit_written, r
 from personas.imagegen import AttemptLost, GeneratedImage, GenerationResult
 from personas.models import SampleImage, SampleRequest
 from personas.services import sample_image_path
+from personas.thumbnails import thumbnail_from_png, thumbnail_name
 
 if TYPE_CHECKING:
     from gpuscheduler.heartbeat import WorkerContext
@@ -54,11 +55,13 @@ class StorageFault(Exception):
 def _write_files(
     pending: list[tuple[Member, list[GeneratedImage]]], *, device: Device
 ) -> tuple[list[Written], StorageFault | None]:
-    """Write every attempt's PNGs durably under their final names, in order, their fsyncs together
-    (config/storage.py). Returns the attempts whose files are all written; on a storage error, the
-    error as a StorageFault too: the attempts from the one it struck on have no file left."""
+    """Write every attempt's PNGs and thumbnails durably under their final names, in order, their
+    fsyncs together (config/storage.py). Returns the attempts whose files are all written; on a
+    storage error, the error as a StorageFault too: the attempts from the one it struck on have no
+    file left."""
     storage = samples_storage()
     files: list[tuple[str, bytes]] = []
+    counts: list[int] = []  # files per image: the PNG, and its thumbnail when there is one
     for member, images in pending:
         request, attempt = member.request, member.assignment
         for offset, image in enumerate(images):
@@ -69,6 +72,10 @@ def _write_files(
                 assignment_id=attempt.pk,
             )
             files.append((name, image.png))
+            thumbnail = image.thumbnail or thumbnail_from_png(image.png)
+            if thumbnail:
+                files.append((thumbnail_name(name), thumbnail))
+            counts.append(1 + bool(thumbnail))
     refused: tuple[str, Exception] | None = None
     try:
         for i, (name, _) in enumerate(files):
@@ -83,13 +90,18 @@ def _write_files(
     except SaveError as exc:
         refused, saved = (exc.name, exc.error), exc.saved
     written: list[Written] = []
+    per_image = iter(counts)
     for member, images in pending:
-        names, saved = saved[: len(images)], saved[len(images) :]
-        if len(names) < len(images):
+        shares = [next(per_image) for _ in images]
+        names, saved = saved[: sum(shares)], saved[sum(shares) :]
+        if len(names) < sum(shares):
             remove_files(storage, names)  # the refused file's attempt: nothing of it was committed
             break
-        pairs = enumerate(zip(names, images, strict=True))
-        rows = [_row(member, offset, name, image, device) for offset, (name, image) in pairs]
+        rows, at = [], 0
+        for offset, (image, share) in enumerate(zip(images, shares, strict=True)):
+            thumb = names[at + 1] if share == 2 else ""
+            rows.append(_row(member, offset, names[at], thumb, image, device))
+            at += share
         written.append(Written(assignment=member.assignment, request=member.request, names=names, rows=rows))
     if refused is None:
         return written, None
@@ -97,7 +109,7 @@ def _write_files(
     return written, StorageFault(error, storage_label(storage, name))
 
 
-def _row(member: Member, offset: int, name: str, image: GeneratedImage, device: Device) -> SampleImage:
+def _row(member: Member, offset: int, name: str, thumbnail: str, image: GeneratedImage, device: Device) -> SampleImage:
     request = member.request
     return SampleImage(
         persona_id=request.persona_id,
@@ -105,6 +117,7 @@ def _row(member: Member, offset: int, name: str, image: GeneratedImage, device: 
         assignment=member.assignment,
         index=member.assignment.first_index + offset,
         image=name,
+        thumbnail=thumbnail,
         seed=image.seed,
         prompt=request.persona.appearance_prompt,
         negative_prompt=request.persona.negative_prompt,

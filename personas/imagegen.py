@@ -93,6 +93,7 @@ class GeneratedImage:
     png: bytes
     width: int
     height: int
+    thumbnail: bytes = b""  # personas/thumbnails.py; empty when none could be made
 
 
 @dataclass
@@ -371,18 +372,27 @@ class Generator:
 
 
 def _encode(image: Any, seed: int) -> GeneratedImage:
+    from personas.thumbnails import thumbnail_or_empty
+
     buffer = io.BytesIO()
     # Level 1: PNG stays lossless, and encoding 8 images of 512 px takes a fraction of the
     # default level's time, time during which the GPU would otherwise sit idle.
     image.save(buffer, format="PNG", compress_level=1)
-    return GeneratedImage(seed=int(seed), png=buffer.getvalue(), width=image.width, height=image.height)
+    # The thumbnail from the picture itself (no PNG to decode), in the same encoder thread.
+    return GeneratedImage(
+        seed=int(seed),
+        png=buffer.getvalue(),
+        width=image.width,
+        height=image.height,
+        thumbnail=thumbnail_or_empty(image),
+    )
 
 
 _encoder_pool: ThreadPoolExecutor | None = None
 
 
 def encode_all(images: Sequence[Any], seeds: Sequence[int]) -> list[GeneratedImage]:
-    """Encode a batch's PNGs in parallel threads (zlib releases the GIL)."""
+    """Encode a batch's PNGs (and thumbnails) in parallel threads (zlib releases the GIL)."""
     global _encoder_pool
     if len(images) == 1:
         return [_encode(images[0], seeds[0])]

@@ -41,7 +41,8 @@ GRACE_SECONDS = 300.0
 SWEEP_SECONDS = 600.0
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_NAME = re.compile(r"persona-(\d{1,18})/r(\d{1,18})-i(\d{1,9})-a(\d{1,18})\.png(\.part)?")
+# An image, or its thumbnail (personas/thumbnails.py), or either being written.
+_NAME = re.compile(r"persona-(\d{1,18})/r(\d{1,18})-i(\d{1,9})-a(\d{1,18})\.(?:png|thumb\.webp|thumb\.jpg)(\.part)?")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class SamplesReport:
     unknown: list[StrayFile] = field(default_factory=list)
     recent: int = 0
     in_progress: int = 0
+    thumbnails_missing: int = 0
+    thumbnails_made: int = 0
+    thumbnail_ids: list[int] = field(default_factory=list)  # the images missing one (not reported)
     repair: bool = False
     requeued: list[Requeued] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -102,6 +106,7 @@ class SamplesReport:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["thumbnail_ids"]
         data["problems_left"] = self.problems_left
         return data
 
@@ -120,7 +125,13 @@ def samples_verify(
     now = now or timezone.now()
     report = SamplesReport(contents_checked=check_contents)
     # Rows first, the listing second: a file committed in between is judged by its attempt below.
-    rows = dict(SampleImage.objects.order_by("pk").values_list("pk", "image").iterator(chunk_size=2000))
+    rows: dict[int, str] = {}
+    thumbnails: dict[int, str] = {}
+    for pk, name, thumbnail in (
+        SampleImage.objects.order_by("pk").values_list("pk", "image", "thumbnail").iterator(chunk_size=2000)
+    ):
+        rows[pk] = name
+        thumbnails[pk] = thumbnail
     report.images_checked = len(rows)
     files = set(_walk(SAMPLES_DIR))
     report.files_checked = len(files)
@@ -132,7 +143,10 @@ def samples_verify(
             problems[pk] = found
     report.broken = _describe_broken(problems)
 
-    named = set(rows.values())
+    # A thumbnail is not data: one missing is counted (and made again by --repair), never "broken".
+    report.thumbnail_ids = [pk for pk in rows if pk not in problems and thumbnails[pk] not in files]
+    report.thumbnails_missing = len(report.thumbnail_ids)
+    named = set(rows.values()) | {name for name in thumbnails.values() if name}
     _judge_files(report, sorted(files - named), grace=timedelta(seconds=grace_seconds), now=now)
     return report
 
@@ -271,6 +285,7 @@ def _judge_files(report: SamplesReport, names: list[str], *, grace: timedelta, n
     named: set[str] = set()
     for batch in _batches([c.path for c in candidates]):
         named.update(SampleImage.objects.filter(image__in=batch).values_list("image", flat=True))
+        named.update(SampleImage.objects.filter(thumbnail__in=batch).values_list("thumbnail", flat=True))
     report.orphans = [c for c in candidates if c.path not in named]
 
 

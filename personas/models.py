@@ -217,6 +217,8 @@ class SampleImage(models.Model):
     )
     index = models.PositiveIntegerField(help_text="Position in its request.")
     image = models.ImageField(max_length=255)
+    # Its thumbnail beside it in the samples storage (personas/thumbnails.py); empty: none was made.
+    thumbnail = models.CharField(max_length=255, blank=True, default="")
     seed = models.BigIntegerField()
     prompt = models.TextField()
     negative_prompt = models.TextField(blank=True)
@@ -235,6 +237,8 @@ class SampleImage(models.Model):
             # The last line of defence against a doubled image: one row per position of a request.
             models.UniqueConstraint(fields=["request", "index"], name="image_unique_request_index"),
         ]
+        # The persona list's newest thumbnail per persona, and the gallery's pages.
+        indexes = [models.Index(fields=["persona", "-id"], name="image_persona_newest")]
 
     def __str__(self) -> str:
         return f"{self.persona} #{self.index} (seed {self.seed})"

@@ -29,6 +29,7 @@ from personas.integrity import (
     samples_verify,
 )
 from personas.models import ACTIVE_REQUEST_STATES, Persona, RequestState, SampleImage, SampleRequest
+from personas.thumbnails import thumbnails_make
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ def samples_repair(*, grace_seconds: float = GRACE_SECONDS, force: bool = False)
     report.repair = True
     samples_orphans_remove(report=report)
     _requeue_broken(report, force=force)
+    if report.thumbnail_ids:
+        report.thumbnails_made, problems = thumbnails_make(report.thumbnail_ids)
+        report.skipped += problems
     return report
 
 
@@ -111,7 +115,7 @@ def _requeue_request(request_id: int, images: list[BrokenImage], report: Samples
             )
             return None
         redo: list[SampleImage] = []
-        unreadable: list[str] = []
+        unreadable: list[str] = []  # and the redone rows' thumbnails
         rows = SampleImage.objects.filter(pk__in=[b.image for b in images], request_id=request.pk).order_by("index")
         for row in rows:
             # Look again under the lock: an operator may have put the file back since the check.
@@ -128,6 +132,8 @@ def _requeue_request(request_id: int, images: list[BrokenImage], report: Samples
             redo.append(row)
             if problem[0] == "unreadable":
                 unreadable.append(row.image.name)
+            if row.thumbnail:
+                unreadable.append(row.thumbnail)  # the re-made image brings its own
         if not redo:
             return None
         if not request.is_active:

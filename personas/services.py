@@ -31,6 +31,7 @@ from personas.models import (
     SampleImage,
     SampleRequest,
 )
+from personas.thumbnails import THUMBNAIL_FORMATS, thumbnail_name
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,9 @@ def sample_attempt_files_remove(*, assignment: Assignment) -> int:
             index=index,
             assignment_id=assignment.pk,
         )
-        for candidate in (name, name + PART_SUFFIX):
+        # Its thumbnail in either format: the setting may have changed since it was written.
+        thumbs = [thumbnail_name(name, fmt) for fmt in THUMBNAIL_FORMATS]
+        for candidate in (name, *thumbs, *(n + PART_SUFFIX for n in (name, *thumbs))):
             try:
                 if storage.exists(candidate):
                     storage.delete(candidate)
@@ -289,7 +292,7 @@ def sample_images_delete(*, images: list[SampleImage]) -> int:
     Admin deletions run inside the admin's own transaction: files removed at once would be gone
     for good if that transaction rolled back, leaving rows without files.
     """
-    names = [img.image.name for img in images if img.image]
+    names = [name for img in images for name in (img.image.name, img.thumbnail) if name]
     with transaction.atomic():
         deleted, _ = SampleImage.objects.filter(pk__in=[img.pk for img in images]).delete()
         transaction.on_commit(lambda: _remove(names))

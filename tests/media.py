@@ -42,3 +42,8 @@ def media_root() -> Path:
 
 def local_path(name: str) -> Path:
     return media_root() / name
+
+
+def files_of(images) -> list[str]:  # type: ignore[no-untyped-def]
+    """The names of these images' files, sorted: each PNG and the thumbnail its row names."""
+    return sorted(name for image in images for name in (image.image.name, image.thumbnail) if name)

@@ -27,7 +27,7 @@ from personas.models import ImageModel, RequestState, SampleImage, SampleRequest
 from personas.services import sample_request_submit
 from tests.conftest import learned_curve
 from tests.gpuscheduler.test_batching_claims import H100, chunk
-from tests.media import stored_bytes, stored_names
+from tests.media import files_of, stored_bytes, stored_names
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -175,7 +175,7 @@ def test_a_storage_fault_sends_every_attempt_not_yet_committed_back_to_waiting(
 
     def third_write_fills_the_disk(path: Path, chunks: Any) -> None:
         writes.append(path.name)
-        if len(writes) == 3:  # the first image of the second attempt
+        if len(writes) == 5:  # the first image of the second attempt (each image: its PNG, its thumbnail)
             raise OSError(28, "No space left on device", str(path))
         real(path, chunks)
 
@@ -191,7 +191,7 @@ def test_a_storage_fault_sends_every_attempt_not_yet_committed_back_to_waiting(
     for waiting in (second, third):
         assert (waiting.state, waiting.attempt, waiting.device_id) == (AssignmentState.QUEUED, 1, None)
         assert "No space left on device" in waiting.error
-    assert stored_names() == sorted(i.image.name for i in SampleImage.objects.all()), "only the committed files"
+    assert stored_names() == files_of(SampleImage.objects.all()), "only the committed files"
 
 
 # --- real workers ---------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def assert_exactly_once(request: SampleRequest) -> None:
     assert sorted(i.index for i in images) == list(range(request.count))
     folder = f"samples/persona-{request.persona_id}"
     stored = [name for name in stored_names(folder) if name.startswith(f"{folder}/r{request.pk}-")]
-    assert stored == sorted(i.image.name for i in images), "no orphan or half-written file"
+    assert stored == files_of(images), "no orphan or half-written file"
 
 
 @pytest.mark.e2e

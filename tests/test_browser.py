@@ -61,6 +61,27 @@ def browser_page(monkeypatch):
             connections.close_all()
 
 
+def assert_thumbnails_open_full_images(page, request: SampleRequest, images: list[SampleImage]) -> None:
+    """Each image of the request shows its WebP thumbnail in its request's group, linked to its full PNG."""
+    figures = f"#sample-gallery section.sample-group[data-request-id='{request.pk}'] figure.sample"
+    shown = page.eval_on_selector_all(
+        figures,
+        "els => els.map(f => [f.querySelector('img').getAttribute('src'), f.querySelector('a').getAttribute('href')])",
+    )
+    assert shown == [
+        [
+            reverse("admin:personas_persona_thumbnail", args=[image.pk]),
+            reverse("admin:personas_persona_image", args=[image.pk]),
+        ]
+        for image in images
+    ]
+    kinds = page.evaluate(
+        "async (urls) => Promise.all(urls.map(async u => (await fetch(u)).headers.get('content-type')))",
+        [src for src, _ in shown],
+    )
+    assert kinds == ["image/webp"] * len(images), "thumbnails, not the full PNGs"
+
+
 def save_screenshot(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
@@ -117,6 +138,29 @@ def test_admin_generates_samples_that_appear_live_and_show_on_the_gpu_status_pag
     model = request.model_spec["name"]
     assert captions == [f"seed {image.seed}\n{image.device.label}\n{model}" for image in images]
     assert page.inner_text("#request-done") == str(IMAGES)
+    assert_thumbnails_open_full_images(page, request, images)
+    # Reloaded, the server draws the same gallery: one group for the request, thumbnails that load.
+    page.reload()
+    header = page.inner_text(f"#sample-gallery section.sample-group[data-request-id='{request.pk}'] h3")
+    assert header.startswith(f"Request #{request.pk}") and f"{IMAGES} of {IMAGES} images" in header
+    page.wait_for_function(
+        "[...document.querySelectorAll('#sample-gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert_thumbnails_open_full_images(page, request, images)
+    with page.context.expect_page() as opened:
+        page.click(f"#sample-gallery figure[data-image-id='{images[0].pk}'] a")
+    full = opened.value
+    full.wait_for_load_state()
+    assert full.url.endswith(reverse("admin:personas_persona_image", args=[images[0].pk]))
+    assert full.evaluate("document.contentType") == "image/png"
+    full.close()
+    # The persona list shows the newest image's thumbnail.
+    page.goto(live_server.url + reverse("admin:personas_persona_changelist"))
+    thumb = page.locator("img.persona-thumbnail")
+    assert thumb.count() == 1
+    assert thumb.get_attribute("src") == reverse("admin:personas_persona_thumbnail", args=[images[-1].pk])
+    page.wait_for_function("document.querySelector('img.persona-thumbnail').naturalWidth > 0")
+    page.goto(live_server.url + reverse("admin:personas_persona_change", args=[persona.pk]))
     ran_on = page.eval_on_selector_all("#request-attempts tr", "rows => rows.map(r => r.cells[4].innerText)")
     assert set(ran_on) == {image.device.label for image in images}
     save_screenshot(page, tmp_path, "persona-samples.png")

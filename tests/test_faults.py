@@ -44,12 +44,15 @@ def wait_request(
 
 
 def assert_exactly_once(request: SampleRequest) -> None:
-    """Every image of the request exists once, as a row and as a file, and no other file of it exists."""
+    """Every image of the request exists once, as a row and as a file with its thumbnail, and no other
+    file of it exists."""
     images = list(SampleImage.objects.filter(request=request))
     assert sorted(i.index for i in images) == list(range(request.count))
     folder = f"samples/persona-{request.persona_id}"
     stored = [name for name in stored_names(folder) if name.startswith(f"{folder}/r{request.pk}-")]
-    assert stored == sorted(i.image.name for i in images), "no orphan or half-written file"
+    named = sorted(name for i in images for name in (i.image.name, i.thumbnail))
+    assert stored == named, "no orphan or half-written file"
+    assert all(i.thumbnail for i in images), "every image has its thumbnail"
 
 
 def children_of(pid: int) -> list[int]:

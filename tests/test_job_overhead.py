@@ -23,7 +23,7 @@ from personas.models import RequestState, SampleImage, SampleRequest
 from personas.services import sample_requests_refresh
 from tests.conftest import learned_curve
 from tests.gpuscheduler.test_batching_claims import H100, chunk
-from tests.media import stored_names
+from tests.media import files_of, stored_names
 from tests.test_batching import Generator, assert_made_as_asked, reloaded
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -94,7 +94,7 @@ def test_the_commits_of_a_call_made_once_a_lost_reply_hides_them_keep_every_imag
         assert attempt.state == AssignmentState.SUCCEEDED
         assert_made_as_asked(attempt)
     assert {r.state for r in SampleRequest.objects.all()} == {RequestState.SUCCEEDED}
-    assert stored_names() == sorted(i.image.name for i in SampleImage.objects.all())
+    assert stored_names() == files_of(SampleImage.objects.all())
 
 
 def test_an_attempt_the_database_refuses_fails_alone_and_the_others_of_its_call_commit(h100, persona_factory, redis_db):

@@ -128,7 +128,8 @@ def test_the_samples_storage_is_the_only_storage_the_code_names():
         "personas/attempts.py",
         "personas/services.py",
         "personas/integrity.py",
-        "personas/admin.py",
+        "personas/serving.py",
+        "personas/thumbnails.py",
         "gpuscheduler/storage.py",
     ):
         assert module in users, module

@@ -61,7 +61,7 @@ def media_files(settings) -> list[str]:
 def assert_every_row_has_its_file(settings, request: SampleRequest, count: int) -> None:
     rows = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [r.index for r in rows] == list(range(count))
-    assert media_files(settings) == sorted(r.image.name for r in rows)
+    assert media_files(settings) == sorted(name for r in rows for name in (r.image.name, r.thumbnail))
     for row in rows:
         assert stored_bytes(row.image.name) == placeholder_image(request.seed_for(row.index)).png
 
@@ -211,12 +211,14 @@ def test_a_full_disk_leaves_no_partial_file_and_names_the_file(running, settings
     writes = disk_full_on_second_file(monkeypatch)
 
     with pytest.raises(
-        StorageFault, match=rf"^No space left on device: media/samples/persona-{request.persona_id}/r{request.pk}-i1-a"
+        # The second file written is the first image's thumbnail, stored right after its PNG.
+        StorageFault,
+        match=rf"^No space left on device: media/samples/persona-{request.persona_id}/r{request.pk}-i0-a\d+\.thumb\.webp",
     ):
         commit(request, assignment, device)
 
-    assert len(writes) == 2 and all(name.endswith(".png.part") for name in writes)
-    assert media_files(settings) == [], "neither the first PNG nor the second one's .part file stays behind"
+    assert len(writes) == 2 and writes[0].endswith(".png.part") and writes[1].endswith(".thumb.webp.part")
+    assert media_files(settings) == [], "neither the first PNG nor its thumbnail's .part file stays behind"
     assert SampleImage.objects.count() == 0
 
 

@@ -17,6 +17,7 @@ from personas.integrity import samples_sweep, samples_verify
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.repair import samples_repair
 from personas.services import sample_image_path, sample_request_refresh, sample_request_submit
+from personas.thumbnails import thumbnail_name
 from tests.media import local_path, media_root, store
 
 HOUR_AGO = time.time() - 3600
@@ -39,15 +40,20 @@ def write(settings, name: str, data: bytes) -> Path:
     return aged(local_path(name))
 
 
-def made(persona, settings, count: int = 4) -> SampleRequest:
-    """A request whose attempts all succeeded: a PNG file and a row per image, as a worker leaves them."""
+def made(persona, settings, count: int = 4, *, thumbnails: bool = True) -> SampleRequest:
+    """A request whose attempts all succeeded: a PNG file, its thumbnail and a row per image, as a
+    worker leaves them (without thumbnails: as a worker left them before thumbnails existed)."""
     request = sample_request_submit(persona=persona, count=count, enqueue=False).request
     for attempt in request.assignments.all():
         Assignment.objects.filter(pk=attempt.pk).update(state=AssignmentState.SUCCEEDED, device=attempt.planned_device)
         for index in attempt.indexes:
             name = image_name(request, index, attempt.pk)
-            write(settings, name, placeholder_image(request.seed_for(index)).png)
+            picture = placeholder_image(request.seed_for(index))
+            write(settings, name, picture.png)
+            if thumbnails:
+                write(settings, thumbnail_name(name), picture.thumbnail)
             SampleImage.objects.create(
+                thumbnail=thumbnail_name(name) if thumbnails else "",
                 persona=persona,
                 request=request,
                 assignment=attempt,
@@ -92,7 +98,8 @@ def test_a_store_where_every_row_has_its_good_file_has_no_problems(persona, gpu,
 
     report = samples_verify()
 
-    assert (report.images_checked, report.files_checked) == (4, 4)
+    assert (report.images_checked, report.files_checked) == (4, 8)  # each PNG and its thumbnail
+    assert report.thumbnails_missing == 0
     assert report.broken == report.orphans == report.unknown == []
     assert report.problems_left == 0
 
@@ -179,10 +186,12 @@ def test_the_file_of_a_succeeded_attempt_whose_row_was_deleted_is_an_orphan(pers
 
     report = samples_repair()
 
-    (orphan,) = report.orphans
-    assert orphan.path == gone.image.name
-    assert orphan.reason == f"attempt {gone.assignment_id} succeeded but no image row names this file"
+    # The PNG and its thumbnail: the row named both.
+    assert sorted(orphan.path for orphan in report.orphans) == [gone.image.name, gone.thumbnail]
+    for orphan in report.orphans:
+        assert orphan.reason == f"attempt {gone.assignment_id} succeeded but no image row names this file"
     assert not path_of(gone, settings).exists()
+    assert not (media_root() / gone.thumbnail).exists()
     assert path_of(kept, settings).exists(), "the committed image of the same attempt stays"
 
 

@@ -228,8 +228,11 @@ def test_a_live_attempt_commits_its_files_and_rows(running, settings):
     images = list(SampleImage.objects.filter(request=request).order_by("index"))
     assert [(i.index, i.seed) for i in images] == [(0, request.first_seed), (1, request.first_seed + 1)]
     assert all(i.device == device and i.assignment_id == assignment.pk for i in images)
-    assert media_files(settings) == sorted(i.image.name for i in images)
-    assert all(stored_bytes(name)[:4] == b"\x89PNG" for name in media_files(settings))
+    # Each image and its thumbnail beside it (personas/thumbnails.py), named on the row.
+    assert [i.thumbnail for i in images] == [i.image.name.removesuffix(".png") + ".thumb.webp" for i in images]
+    assert media_files(settings) == sorted(name for i in images for name in (i.image.name, i.thumbnail))
+    assert all(stored_bytes(i.image.name)[:4] == b"\x89PNG" for i in images)
+    assert all(stored_bytes(i.thumbnail)[8:12] == b"WEBP" for i in images)
     assignment.refresh_from_db()
     assert (assignment.state, assignment.calls) == (AssignmentState.SUCCEEDED, 1)
     request.refresh_from_db()
@@ -312,7 +315,7 @@ def test_cancel_drops_queued_attempts_from_redis_and_keeps_made_images(
     first.refresh_from_db()
     assert first.state == AssignmentState.SUCCEEDED
     assert SampleImage.objects.filter(request=request).count() == 2
-    assert media_files(settings) == kept_files and len(kept_files) == 2
+    assert media_files(settings) == kept_files and len(kept_files) == 4  # 2 images, 2 thumbnails
 
 
 def test_cancel_leaves_a_running_attempt_to_finish(persona, two_gpus):

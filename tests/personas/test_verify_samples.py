@@ -62,7 +62,7 @@ def test_verify_samples_on_a_sound_store_says_so_and_exits_0(persona, gpu, setti
     out, _, code = verify()
 
     assert code == 0
-    assert out.splitlines() == ["2 images opened and checked; 2 files under samples/.", "No problems found."]
+    assert out.splitlines() == ["2 images opened and checked; 4 files under samples/.", "No problems found."]
 
 
 def test_verify_samples_json_has_one_object_with_every_finding(persona, gpu, settings):
@@ -95,7 +95,7 @@ def test_verify_samples_json_has_one_object_with_every_finding(persona, gpu, set
             "attempt": attempt.pk,
         }
     ]
-    assert (report["images_checked"], report["files_checked"], report["problems_left"]) == (2, 2, 2)
+    assert (report["images_checked"], report["files_checked"], report["problems_left"]) == (2, 4, 2)
     assert (report["repair"], report["requeued"], report["removed"], report["skipped"]) == (False, [], [], [])
     assert (report["unknown"], report["recent"], report["in_progress"], report["contents_checked"]) == ([], 0, 0, True)
 

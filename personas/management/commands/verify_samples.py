@@ -14,12 +14,15 @@ from personas.repair import samples_repair
 class Command(BaseCommand):
     help = (
         "Find committed sample images whose file is missing or unreadable, and files under samples/ that "
-        "no image row accounts for; with --repair re-queue the images (same seeds) and remove the orphans."
+        "no image row accounts for; with --repair re-queue the images (same seeds), remove the orphans and make "
+        "missing thumbnails."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--repair", action="store_true", help="Re-queue missing or unreadable images and remove orphan files."
+            "--repair",
+            action="store_true",
+            help="Re-queue missing or unreadable images, remove orphan files and make missing thumbnails.",
         )
         parser.add_argument(
             "--force",
@@ -93,6 +96,9 @@ class Command(BaseCommand):
                 f"Left alone: {report.recent} file(s) changed within the grace, "
                 f"{report.in_progress} of attempts queued or running."
             )
+        if report.thumbnails_missing:
+            made = f", {report.thumbnails_made} made" if report.repair else " (--repair makes them)"
+            self.stdout.write(f"{report.thumbnails_missing} image(s) without a thumbnail{made}.")
         left = report.problems_left
         if not (report.broken or report.orphans or report.unknown):
             self.stdout.write("No problems found.")

@@ -68,11 +68,17 @@
     figure.dataset.imageId = String(image.id);
     figure.dataset.requestId = String(image.request);
     figure.dataset.index = String(image.index);
+    const link = document.createElement("a");
+    link.href = image.url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.title = "Open the full image (" + image.width + "×" + image.height + " PNG)";
     const img = document.createElement("img");
-    img.src = image.url;
+    img.src = image.thumbnail || image.url;
     img.width = 128;
     img.height = 128;
     img.alt = "Sample " + (image.index + 1) + " of " + (panel.dataset.personaName || "persona") + ", seed " + image.seed;
+    link.append(img);
     const caption = document.createElement("figcaption");
     caption.append(
       element("span", "seed", "seed " + image.seed),
@@ -81,24 +87,46 @@
       document.createElement("br"),
       element("span", "model", image.model || ""),
     );
-    figure.append(img, caption);
+    figure.append(link, caption);
     return figure;
   }
 
-  // New images go before the first older image or the first image of this request with a higher
-  // index: the same order the server renders (newest request first, request order within it).
+  // The request's group on the page, made at the top (the newest request) when it has none yet.
+  function groupFor(gallery, data) {
+    const existing = Array.from(gallery.querySelectorAll("section.sample-group")).find(
+      (g) => g.dataset.requestId === String(data.id),
+    );
+    if (existing) return existing;
+    const group = element("section", "sample-group");
+    group.dataset.requestId = String(data.id);
+    const header = element("h3", "sample-group-header");
+    header.append(
+      "Request #" + data.id + " · " + (data.model ? data.model.name : "") + " · ",
+      element("span", "sample-group-count", "0"),
+      " of " + data.asked + " image" + (data.asked === 1 ? "" : "s"),
+    );
+    group.append(header, element("div", "sample-group-images"));
+    gallery.insertBefore(group, gallery.firstChild);
+    return group;
+  }
+
+  // New images join their request's group before the first image with a higher index: the order the
+  // server renders (newest request first, request order within it). Only page 1 shows the newest
+  // request; an older page is left as it is.
   function addImages(panel, data) {
     const gallery = document.getElementById("sample-gallery");
-    if (!gallery) return;
+    if (!gallery || (gallery.dataset.page && gallery.dataset.page !== "1") || !data.images.length) return;
+    const empty = document.getElementById("sample-gallery-empty");
+    if (empty) empty.remove();
+    const group = groupFor(gallery, data);
+    const images = group.querySelector(".sample-group-images");
     for (const image of data.images) {
       if (gallery.querySelector('figure[data-image-id="' + image.id + '"]')) continue;
-      const empty = document.getElementById("sample-gallery-empty");
-      if (empty) empty.remove();
-      const before = Array.from(gallery.querySelectorAll("figure.sample")).find(
-        (f) => f.dataset.requestId !== String(data.id) || Number(f.dataset.index) > image.index,
-      );
-      gallery.insertBefore(figureFor(panel, image), before || null);
+      const before = Array.from(images.querySelectorAll("figure.sample")).find((f) => Number(f.dataset.index) > image.index);
+      images.insertBefore(figureFor(panel, image), before || null);
     }
+    const count = group.querySelector(".sample-group-count");
+    if (count) count.textContent = String(data.done);
   }
 
   // The request is no longer queued or running: nothing left to cancel.
