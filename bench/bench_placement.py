@@ -6,7 +6,7 @@ Fills a fresh database with 64 simulated devices (a mix of learned H100, A100 an
 live workers whose heartbeats go on during the run, one running attempt each), 1,000,000 snapshot
 rows, 50,000 finished attempts, and times placements of 4 images under the balanced policy:
 
-- queries per placement (its transaction's statements, BEGIN and COMMIT included);
+- queries per placement (its transaction's round trips, BEGIN and COMMIT included);
 - one submitter: --placements placements one after the other (at most --seconds), p50 and p99;
 - --threads concurrent submitters for --seconds, as threads of one process (one interpreter
   lock between them) and as processes of their own (as web workers are): placements per
@@ -158,7 +158,10 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> bool:
     print(table([*headers, "notes"], rows))
     if "postgresql" in results:
         print(target)
-    print("queries: the statements of one placement, BEGIN and COMMIT included; times include the commit.")
+    print(
+        "queries: the round trips of one placement, BEGIN and COMMIT included (on PostgreSQL the turn "
+        "goes with the backlog read); times include the commit."
+    )
     return missed
 
 
@@ -205,7 +208,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         workers.wait(30)
     summary = {name: medians(rows) for name, rows in rounds.items()}
     if args.child == "postgresql":
-        summary["new"]["notes"] = "turns on one advisory lock, then the chosen device rows locked"
+        summary["new"]["notes"] = "turns on one advisory lock, sent with the backlog read; reads prepared"
     else:
         summary["new"]["notes"] = "no lock: IMMEDIATE transactions serialize writers"
     summary["old"]["notes"] = "every device row locked, newest snapshot of each read"

@@ -63,7 +63,8 @@ class Curve:
             return 0.0
         batch = max(1, batch)
         full, rest = divmod(images, batch)
-        return full * self.cost(batch) + self.cost(rest)
+        # No cost(batch) where no call is full: placement asks this of every device in its turn.
+        return (full * self.cost(batch) if full else 0.0) + self.cost(rest)
 
     def throughput(self, images: int) -> float:
         cost = self.cost(images)

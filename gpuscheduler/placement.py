@@ -8,29 +8,27 @@ gpuscheduler/assignments.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from django.db import transaction
+from django.db.models import NOT_PROVIDED, Field
 
 from gpuscheduler import queues, workloads
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device
 from gpuscheduler.placement_reads import DeviceRead, device_backlogs_for, device_reads, placement_sequence, views_with
 from gpuscheduler.policies import Chunk, DeviceView, get_policy, plan_chunks, plan_pinned
-from gpuscheduler.services import placement_turn
+from gpuscheduler.services import placement_turn_statement
 
 log = logging.getLogger(__name__)
 
 
 class NoDeviceAvailable(Exception):
     """No device may take work now; the message says which and why."""
-
-
-# What select_for_update(no_key=True) says, with one array parameter: the same statement for any
-# number of devices, and no queryset to compile during the turn (gpuscheduler.models.Device).
-LOCK_DEVICES = "SELECT id FROM gpuscheduler_device WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"
 
 
 def _unavailable_message(views: list[DeviceView]) -> str:
@@ -89,33 +87,75 @@ def assignments_place(
         steps = steps or default_steps
     chunks = placement_locked(device_reads(model=model, steps=steps), plan, model=model)
     pinned = pinned_device is not None
-    created = Assignment.objects.bulk_create(
-        Assignment(
-            kind=AssignmentKind.SAMPLES,
-            request_id=request_id,
-            first_index=first_index + chunk.first_index,
-            image_count=chunk.size,
-            attempt=attempt,
-            job_id=f"samples-{uuid.uuid4().hex}",
-            queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned),
-            planned_device_id=chunk.device_id,
-            pinned=pinned,
-            avoid_device_id=None if pinned else avoid_device_id,
-            policy=policy_name,
-            reason=chunk.reason[:500],
-        )
-        for chunk in chunks
+    created = _insert(
+        [
+            Assignment(
+                kind=AssignmentKind.SAMPLES,
+                request_id=request_id,
+                first_index=first_index + chunk.first_index,
+                image_count=chunk.size,
+                attempt=attempt,
+                job_id=f"samples-{uuid.uuid4().hex}",
+                queue_name=queues.device_queue_name(chunk.device_id, pinned=pinned),
+                planned_device_id=chunk.device_id,
+                pinned=pinned,
+                avoid_device_id=None if pinned else avoid_device_id,
+                policy=policy_name,
+                reason=chunk.reason[:500],
+            )
+            for chunk in chunks
+        ]
     )
-    for assignment, chunk in zip(created, chunks, strict=True):
-        log.info(
-            "request %s, %s (attempt %d) -> %s [%s]",
-            request_id,
-            assignment.images_label,
-            attempt,
-            assignment.queue_name,
-            chunk.reason,
-        )
+    if log.isEnabledFor(logging.INFO):
+        for assignment, chunk in zip(created, chunks, strict=True):
+            log.info(
+                "request %s, %s (attempt %d) -> %s [%s]",
+                request_id,
+                assignment.images_label,
+                attempt,
+                assignment.queue_name,
+                chunk.reason,
+            )
     return created
+
+
+@functools.cache
+def _inserted_fields() -> list[Field[Any, Any]]:
+    """The columns an INSERT of a new attempt writes: all but its id and queued_at, which the
+    database fills (its clock: gpuscheduler/clock.py)."""
+    return [f for f in Assignment._meta.concrete_fields if not f.primary_key and f.db_default is NOT_PROVIDED]
+
+
+# INSERT ... RETURNING id, by vendor and number of rows: built once per process.
+_INSERTS: dict[tuple[str, int], str] = {}
+
+
+def _insert(assignments: list[Assignment]) -> list[Assignment]:
+    """Store these new attempts in one INSERT and return them as saved rows (their queued_at,
+    the database's, is read on first use).
+
+    What bulk_create does, less its compiling of the statement on every call: a third of a
+    millisecond of each placement's turn (bench/bench_placement.py).
+    """
+    connection = transaction.get_connection()
+    fields = _inserted_fields()
+    key = (connection.vendor, len(assignments))
+    if key not in _INSERTS:
+        quote = connection.ops.quote_name
+        row = f"({', '.join(['%s'] * len(fields))})"
+        _INSERTS[key] = (  # names from the model, quoted; the values are parameters
+            f"INSERT INTO {quote(Assignment._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608
+            f"VALUES {', '.join([row] * len(assignments))} RETURNING {quote(Assignment._meta.pk.column)}"
+        )
+    values = [[getattr(a, f.attname) for f in fields] for a in assignments]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _INSERTS[key],
+            [f.get_db_prep_save(v, connection) for row in values for f, v in zip(fields, row, strict=True)],
+        )
+        ids = [pk for (pk,) in cursor.fetchall()]
+    names = [Assignment._meta.pk.attname, *(f.attname for f in fields)]
+    return [Assignment.from_db(connection.alias, names, [pk, *row]) for pk, row in zip(ids, values, strict=True)]
 
 
 def _plan_pinned(
@@ -147,19 +187,21 @@ def placement_locked(
     reads: list[DeviceRead], plan: Callable[[list[DeviceView]], list[Chunk]], *, model: str | None = None
 ) -> list[Chunk]:
     """Plan on the devices as `reads` has them (read before the turn) and on their backlogs as
-    they are once this transaction has its placement turn; lock the rows of the devices chosen.
+    they are once this transaction has its placement turn.
 
     Placements take turns (services.placement_turn), each holding its turn until its transaction
     commits and reading the backlogs once it has it, so it sees the work of every placement
     before it (READ COMMITTED reads what committed before each statement): exact, as when each
     placement locked every device row. The devices, their readings and curves are read before
-    the turn (no placement changes them); in it, one aggregate, the plan, the rows of the
-    devices chosen and the insert.
+    the turn (no placement changes them); in it, one aggregate, the plan and the insert.
 
-    Why turns, not only the rows of the devices chosen: submitters that read the same backlogs
+    Why turns, not row locks on the devices chosen: submitters that read the same backlogs
     choose the same device, so with row locks alone all but one waited for it, found its backlog
     changed and planned again, over and over (8 submitter processes on bench/bench_placement.py's
     data, PostgreSQL, 2 cores: 43 placements/s and p99 600 ms that way, 96/s and 154 ms in turns).
+    Placement locks no device row since: the turn alone makes it exact, nothing a placement
+    decides is read from a row it would lock (the readings are read before the turn), and the
+    lock cost a round trip of every turn (0.2-0.3 ms) and made heartbeats wait for placements.
 
     THE LOCK ORDER, for every transaction that writes device rows: the persona (a press) or the
     ending attempt's own row (fail, recovery) first, then the placement turn, which every
@@ -168,24 +210,15 @@ def placement_locked(
     lock or UPDATE a device row before that: recovery once cleared the dead worker's device row
     first and then waited for the rows a press held while it waited for that one (a PostgreSQL
     deadlock). Other device writes are one-row autocommit UPDATEs, which never wait holding a
-    row; so a transaction that places twice may lock a row below one it holds. NO KEY: the
-    foreign-key checks of snapshot, image and canary rows (FOR KEY SHARE) need not wait for
-    placement, nor placement for them. SQLite takes no lock: its IMMEDIATE transactions
-    serialize writers (config/env.py).
+    row. A placement's new attempts take FOR KEY SHARE on their device rows at commit (Django's
+    foreign keys are checked then), which waits for no NO KEY UPDATE (the monitor's tick,
+    heartbeats). SQLite takes no lock: its IMMEDIATE transactions serialize writers
+    (config/env.py).
     """
-    placement_turn()
-    chunks = plan(views_with(reads, *device_backlogs_for(model), model=model))
-    _lock_devices(sorted({c.device_id for c in chunks}))
-    return chunks
-
-
-def _lock_devices(ids: list[int]) -> None:
-    """Lock these device rows, in pk order, in one statement (FOR NO KEY UPDATE); nothing on SQLite,
-    whose IMMEDIATE transactions serialize writers."""
-    connection = transaction.get_connection()
-    if ids and connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(LOCK_DEVICES, [ids])
+    # The turn and the aggregate in one round trip (services.placement_turn_statement says why
+    # the aggregate still sees every placement before this one).
+    backlogs = device_backlogs_for(model, after=placement_turn_statement())
+    return plan(views_with(reads, *backlogs, model=model))
 
 
 def enqueue_on_commit(assignments: list[Assignment], on_done: Callable[[int], None] | None = None) -> None:

@@ -7,11 +7,8 @@ gpuscheduler/selectors.py.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
-from django.db import connection
 from django.db.models import (
     BooleanField,
     Case,
@@ -31,6 +28,7 @@ from django.db.models.functions import Coalesce, Greatest
 
 from gpuscheduler import workloads
 from gpuscheduler.clock import DbNow, db_now
+from gpuscheduler.compiled import compiled_rows
 from gpuscheduler.conf import gpu_config, lease, samples_config, stale_after
 from gpuscheduler.costs import curves_for
 from gpuscheduler.curves import Curve
@@ -51,23 +49,26 @@ def device_backlogs() -> dict[int, tuple[int, int]]:
 Live = tuple[str | None, frozenset[str | None]]
 
 
-def device_backlogs_for(model: str | None) -> tuple[dict[int, tuple[int, int]], dict[int, Live]]:
-    """device_backlogs, and the models of each device's live work (Live). One query."""
+def device_backlogs_for(model: str | None, *, after: str = "") -> tuple[dict[int, tuple[int, int]], dict[int, Live]]:
+    """device_backlogs, and the models of each device's live work (Live). One query, sent after
+    the statement `after` in the same round trip where one is given (compiled_rows)."""
     backlog: dict[int, tuple[int, int]] = {}
     newest: dict[int, tuple[Any, str | None]] = {}
     models: dict[int, set[str | None]] = {}
-    for device_id, state, of_model, images, newest_id in compiled_rows(("backlogs",), _backlog_rows):
+    queued_state = str(AssignmentState.QUEUED)  # once: placement reads these rows in its turn
+    for device_id, state, of_model, images, newest_id in compiled_rows(("backlogs",), _backlog_rows, after=after):
         if device_id is None:
             continue
+        is_queued = state == queued_state
         queued, running = backlog.get(device_id, (0, 0))
-        if state == AssignmentState.QUEUED:
+        if is_queued:
             queued += int(images or 0)
         else:
             running += int(images or 0)
         backlog[device_id] = (queued, running)
         models.setdefault(device_id, set()).add(of_model)
         # Queued work runs after the running call: the newest queued chunk's model is the last loaded.
-        rank = (state == AssignmentState.QUEUED, newest_id)
+        rank = (is_queued, newest_id)
         if device_id not in newest or rank > newest[device_id][0]:
             newest[device_id] = (rank, of_model)
     live = {device_id: (newest[device_id][1], frozenset(of)) for device_id, of in models.items()}
@@ -97,33 +98,13 @@ def _backlog_rows() -> QuerySet[Any]:
     )
 
 
-# Placement runs the same two reads for every press, and Django compiles a queryset anew each time
-# it is evaluated: on a 2-core machine, building and compiling the device read took 4 ms and
-# running it 1.4 ms (bench/bench_placement.py). So these are compiled once per process (for each
-# database vendor and whatever else their SQL holds: model, step count, lease) and run as plain
-# SQL, rows as tuples.
-_COMPILED: dict[tuple[Any, ...], tuple[str, tuple[Any, ...]]] = {}
-
-
-def compiled_rows(key: tuple[Any, ...], build: Callable[[], QuerySet[Any]]) -> list[tuple[Any, ...]]:
-    """The rows of `build()` (a values_list queryset), its SQL compiled once per `key` and vendor."""
-    full_key = (connection.vendor, *key)
-    if full_key not in _COMPILED:
-        sql, params = build().query.sql_with_params()
-        _COMPILED[full_key] = (sql, tuple(params))
-    sql, params = _COMPILED[full_key]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return list(cursor.fetchall())
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementRow:
-    """What placement reads of one device (placement_rows)."""
+class PlacementRow(NamedTuple):
+    """What placement reads of one device (placement_rows). A tuple, not a dataclass: placement
+    makes 64 of these per press, and a 21-field frozen dataclass took 5 us each to build."""
 
     id: int
     host: str
-    index: int | None
+    index: int | None  # type: ignore[assignment]  # Device.index; shadows tuple.index, which nothing calls
     name: str
     kind: str
     health: str
@@ -171,7 +152,7 @@ def placement_rows(device_ids: list[int] | None = None, *, model: str, steps: in
             silent=EpochSeconds(DbNow()) - EpochSeconds(heard),
             store_problem=Subquery(problem),
         ).values_list(
-            *(field.name for field in fields(PlacementRow)[:10]),
+            *PlacementRow._fields[:10],
             "alive",
             "silent",
             "store_problem",
@@ -230,32 +211,33 @@ def device_reads(
     affinity = bool(gpu_config()["MODEL_AFFINITY"])
     measured = [float(r.model_load_seconds) for r in rows if r.model_load_seconds is not None]
     peers_load = statistics.median(measured) if measured else None
+    # Once, not per device: an enum member's lookup costs more than the comparison.
+    failed, warm_state, healthy = str(ModelState.FAILED), str(ModelState.WARM), str(Health.HEALTHY)
     reads = []
     for row in rows:
-        curve = borrowed.get(row.id) or Curve(  # as costs.curve_from_row
-            fixed=float(row.curve_fixed or 0.0),
-            per_image=float(row.curve_per_image or 0.0),
-            knee=float(row.curve_knee or 1.0),
-            calls=int(row.curve_calls or 0),
-            sizes=int(row.curve_sizes or 0),
-            source="learned",
-        )
-        if curve not in best:
-            best[curve] = curve.best_size(limit)  # costs.best_call_size, once per distinct curve
-        blocked = blocked_reason(
-            host=row.host,
-            silent=row.silent if row.silent > stale_limit else None,  # as policies.stale_seconds
-            store_problem=row.store_problem,
-        )
-        if not blocked and row.model_state == ModelState.FAILED:
+        if row.id in borrowed:
+            curve = borrowed[row.id]
+            if curve not in best:
+                best[curve] = curve.best_size(limit)  # costs.best_call_size, once per distinct curve
+            batch = best[curve]
+        else:
+            curve, batch = _learned(row, limit)
+        blocked = ""
+        if row.silent > stale_limit or row.store_problem is not None:
+            blocked = blocked_reason(
+                host=row.host,
+                silent=row.silent if row.silent > stale_limit else None,  # as policies.stale_seconds
+                store_problem=row.store_problem,
+            )
+        if not blocked and row.model_state == failed:
             blocked = f"{MODEL_FAILED} ({(row.model_reason or 'no reason given')[:300]})"
-        warm = row.model_state == ModelState.WARM
+        warm = row.model_state == warm_state
         reads.append(
             {
                 "id": row.id,
                 "label": row.label,
                 "kind": row.kind,
-                "healthy": row.health == Health.HEALTHY and not blocked,
+                "healthy": row.health == healthy and not blocked,
                 "blocked": blocked,
                 "worker_alive": bool(row.alive),
                 "memory_used": row.memory_used if readings else None,
@@ -263,13 +245,39 @@ def device_reads(
                 "utilization": row.utilization if readings else None,
                 "temperature": row.temperature if readings else None,
                 "curve": curve,
-                "batch": best[curve],
+                "batch": batch,
                 "warm": warm or not affinity,
                 # What loading it costs here, counted where it will not be warm (views_with).
                 "load_seconds": _load_guess(row.model_load_seconds, peers_load) if affinity else 0.0,
             }
         )
     return reads
+
+
+# Each device's own curve as placement last read it, with its best call size: the same few curves
+# come back on every press, and building a Curve and its best size for each of 64 devices took
+# a fifth of a millisecond. Keyed by the row's values (a curve learned anew is a new key), cleared
+# when it grows past what any cluster has.
+_LEARNED: dict[tuple[Any, ...], tuple[Curve, int]] = {}
+
+
+def _learned(row: PlacementRow, limit: int) -> tuple[Curve, int]:
+    """The device's own curve (as costs.curve_from_row makes it) and its best call size."""
+    key = (row.curve_fixed, row.curve_per_image, row.curve_knee, row.curve_calls, row.curve_sizes, limit)
+    found = _LEARNED.get(key)
+    if found is None:
+        curve = Curve(
+            fixed=float(row.curve_fixed or 0.0),
+            per_image=float(row.curve_per_image or 0.0),
+            knee=float(row.curve_knee or 1.0),
+            calls=int(row.curve_calls or 0),
+            sizes=int(row.curve_sizes or 0),
+            source="learned",
+        )
+        if len(_LEARNED) >= 4096:
+            _LEARNED.clear()
+        found = _LEARNED[key] = (curve, curve.best_size(limit))  # costs.best_call_size
+    return found
 
 
 # Why a device may not take work of a model that failed to load on it (its other models go on).
@@ -305,8 +313,22 @@ def views_with(
             warm = will_have(model, warm_now=read["warm"], live=live.get(read["id"]), slots=slots)
             if warm != read["warm"]:
                 read = {**read, "warm": warm}
-        views.append(DeviceView(**read, queued_images=queued, running_images=running))
+        key = (*read.values(), queued, running)  # every read has device_reads' keys, in its order
+        view = _VIEWS.get(key)
+        if view is None:
+            if len(_VIEWS) >= 4096:
+                _VIEWS.clear()
+            view = _VIEWS[key] = DeviceView(**read, queued_images=queued, running_images=running)
+        views.append(view)
     return views
+
+
+# The views made lately, by every field they were made of: a view is frozen, so two placements that
+# see a device alike share one, and its backlog in seconds is worked out once (backlog_seconds).
+# From one press to the next most devices are seen alike (a reading changes every few seconds,
+# a backlog where work was placed or finished): making 64 views and their backlogs took a quarter
+# of a millisecond of every turn.
+_VIEWS: dict[tuple[Any, ...], DeviceView] = {}
 
 
 def steal_sources(thief_id: int) -> set[int]:

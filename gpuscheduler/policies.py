@@ -66,14 +66,15 @@ class DeviceView:
     def backlog(self) -> int:
         return self.queued_images + self.running_images
 
+    # Worked out once per view, these two: placement asks for them of every device several times,
+    # inside its turn, and shares views between placements (placement_reads.views_with).
     @cached_property
     def backlog_seconds(self) -> float:
         """How long the work already on it takes by its curve: the running call, then the queued
-        images in calls of its best size. (Worked out once per view: placement asks for it of
-        every device several times, inside its turn.)"""
+        images in calls of its best size."""
         return self.curve.cost(self.running_images) + self.curve.work(self.queued_images, self.batch)
 
-    @property
+    @cached_property
     def ready_seconds(self) -> float:
         """When a new call of the model could start here: its backlog, then loading the model if
         it is not warm (the model of the queued work may differ; its calls are counted alike)."""
@@ -167,8 +168,8 @@ def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
     # The readings together weigh at most one image on the cheapest candidate (in seconds).
     candidates = eligible(devices)
     unit = min((d.curve.cost(1) for d in candidates), default=1.0) or 1.0
-
-    def score(d: DeviceView) -> float:
+    scored = []
+    for d in candidates:
         backlog = d.ready_seconds / unit
         # Utilization while our own images run is already counted in the backlog; without
         # them it is another program's load.
@@ -177,9 +178,8 @@ def balanced(devices: Sequence[DeviceView], sequence: int = 0) -> list[Ranked]:
         heat = min(1.0, max(0.0, ((d.temperature or 40.0) - 40.0) / 50.0))
         # Readings together weigh at most one queued image: they separate devices with equal
         # queues and keep work away from a GPU that is hot, full or used by another program.
-        return backlog + 0.4 * foreign + 0.4 * memory + 0.2 * heat
-
-    scored = sorted((score(d), d.id, d) for d in candidates)  # ids are unique: views are never compared
+        scored.append((backlog + 0.4 * foreign + 0.4 * memory + 0.2 * heat, d.id, d))
+    scored.sort()  # ids are unique: views are never compared
     return [Ranked(d, round(s, 3)) for s, _, d in scored]
 
 
@@ -318,32 +318,47 @@ def plan_chunks(count: int, ranked: Sequence[Ranked], *, max_batch: int, by_fini
 
 def _plan_by_finish(count: int, ranked: Sequence[Ranked], *, max_batch: int) -> list[Chunk]:
     unit = max(1, count // 256)
-    # Each device's backlog is worked out once, and the candidates sorted once, for every split tried.
-    candidates = sorted(
-        (
-            _Candidate(r.device.id, r.device.ready_seconds, r.device.curve, i, r.device.backlog_seconds)
-            for i, r in enumerate(ranked)
-        ),
-        key=lambda c: (c.finish(unit, max_batch), c.rank),
-    )
+    # Placement plans over every device inside its turn, so the devices are walked once, as tuples,
+    # each one's backlog worked out once (DeviceView.backlog_seconds) for every split tried: in the
+    # order in which _fill opens them (by their finish for one unit, then rank).
+    # The wait a split must shorten is counted from when the first device could start the request
+    # (`start`), not from now: behind a burst every device has seconds of work queued, and 10% of
+    # that wait kept each later request whole on one device, so the burst ended with one slow
+    # device making a whole request of 4 while the others idled. Loading the model is the
+    # request's own work, not a wait: a split that makes two devices load it to save one image's
+    # time does not pay.
+    opened = []
+    start = math.inf
+    for rank, r in enumerate(ranked):
+        device = r.device
+        opened.append((device.ready_seconds + device.curve.work(unit, max_batch), rank))
+        start = min(start, device.backlog_seconds)
+    opened.sort()
+    candidates = []
+    for _, rank in opened[:count]:  # only the first `count` can ever take images (_fill)
+        device = ranked[rank].device
+        candidates.append(_Candidate(device.id, device.ready_seconds, device.curve, rank, device.backlog_seconds))
     # Alone, the request goes where all of it finishes soonest (not where its first image would).
-    alone = min(candidates, key=lambda c: (c.finish(count, max_batch), c.rank))
-    best, best_time = {alone.id: count}, alone.finish(count, max_batch)
-    # The wait a split must shorten is counted from when the first device could start the request,
-    # not from now: behind a burst every device has seconds of work queued, and 10% of that wait
-    # kept each later request whole on one device, so the burst ended with one slow device making a
-    # whole request of 4 while the others idled. Loading the model is the request's own work, not
-    # a wait: a split that makes two devices load it to save one image's time does not pay.
-    start = min(c.queued for c in candidates)
+    # A device finishes all of it no sooner than one unit of it, so the walk stops at the first
+    # device whose one unit ends after the best whole finish found.
+    best_time, alone = math.inf, 0
+    for first, rank in opened:
+        if first > best_time:
+            break
+        device = ranked[rank].device
+        whole = device.ready_seconds + device.curve.work(count, max_batch)
+        if (whole, rank) < (best_time, alone):
+            best_time, alone = whole, rank
+    best = {ranked[alone].device.id: count}
     for devices in range(2, min(count, len(ranked)) + 1):
         given, finish = _fill(count, candidates, devices, max_batch)
         if finish - start < (best_time - start) * (1 - MIN_SPLIT_GAIN):
             best, best_time = given, finish
-    by_id = {r.device.id: (i, r) for i, r in enumerate(ranked)}
+    rank_of = {ranked[alone].device.id: alone, **{c.id: c.rank for c in candidates}}
     # In ranking order; more images on one device than one call takes become several even calls.
     pieces = [
-        (device_id, by_id[device_id][1].reason, size)
-        for device_id in sorted(best, key=lambda d: by_id[d][0])
+        (device_id, ranked[rank_of[device_id]].reason, size)
+        for device_id in sorted(best, key=rank_of.__getitem__)
         for size in even_sizes(best[device_id], math.ceil(best[device_id] / max_batch))
     ]
     return _chunks(pieces)

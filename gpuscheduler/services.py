@@ -34,11 +34,20 @@ def placement_turn() -> None:
     """Wait for this transaction's turn to place work or lock several device rows, and keep it
     until the transaction ends (again in the same transaction: at once). Nothing on SQLite, whose
     IMMEDIATE transactions serialize writers."""
+    statement = placement_turn_statement()
+    if statement:
+        with transaction.get_connection().cursor() as cursor:
+            cursor.execute(statement)
+
+
+def placement_turn_statement() -> str:
+    """The statement placement_turn runs ("" on SQLite), for a caller that sends it in one round
+    trip with the first read of its turn: PostgreSQL runs each statement of a query string on a
+    snapshot of its own (READ COMMITTED), taken once the one before it ended, so that read sees
+    every placement that held the turn before."""
     connection = transaction.get_connection()
     assert connection.in_atomic_block, "a turn lasts until its transaction ends"
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [PLACEMENT_LOCK])
+    return f"SELECT pg_advisory_xact_lock({PLACEMENT_LOCK})" if connection.vendor == "postgresql" else ""
 
 
 # --- devices and health ---------------------------------------------------------------------
@@ -223,8 +232,8 @@ def snapshots_record(*, backend: Backend, host: str, now: datetime | None = None
         reading_copy(snapshot.device, snapshot)
         snapshot.device.last_seen, snapshot.device.retired_at = now, None
     with transaction.atomic():
-        # Several device rows: after the placement turn, then locked in pk order, as placement does
-        # (see placement.placement_locked). An UPDATE of several rows locks them in the order it
+        # Several device rows: after the placement turn, then locked in pk order (the lock order:
+        # placement.placement_locked). An UPDATE of several rows locks them in the order it
         # scans the table, and deadlocked with a press.
         placement_turn()
         ids = [s.device_id for s in seen]

@@ -1,9 +1,12 @@
-"""Placement and recovery lock device rows in one order: presses and reconcilers never deadlock.
+"""Placement, recovery and the monitor's tick take their locks in one order: presses, reconcilers and
+ticks never deadlock.
 
 PostgreSQL only: SQLite's IMMEDIATE transactions serialize writers, so there are no row locks to
 take in the wrong order. Each thread works on a connection of its own, as web processes, workers
-and monitors do; a third connection holds one device row so that every round lands in the window
-where the old order (the dead worker's device row first, then every device in pk order) deadlocked.
+and monitors do. Placement locks no device row (the placement turn alone makes it exact), so the
+windows where the old orders deadlocked (the dead worker's device row first, then every device in
+pk order; a tick's multi-row writes in table order) are now made by holding the placement turn:
+everyone piles up behind it, holding what they took before it, then goes at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from gpuscheduler.assignments import assignment_claim, assignments_place
 from gpuscheduler.backends import DeviceInfo, Reading
 from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentState, Device
 from gpuscheduler.recovery import assignments_recover
-from gpuscheduler.services import snapshots_record
+from gpuscheduler.services import placement_turn, snapshots_record
 from personas.models import SampleRequest
 from personas.services import sample_request_submit
 
@@ -78,22 +81,22 @@ def wait_for_waiters(count: int) -> None:
 
 
 @pytest.fixture
-def hold_device() -> Iterator[Callable[[Device], threading.Event]]:
-    """Hold one device row locked from a connection of its own until the returned event is set."""
+def hold_turn() -> Iterator[Callable[[], threading.Event]]:
+    """Hold the placement turn from a connection of its own (a press or a monitor's tick in its
+    turn) until the returned event is set."""
     holders: list[tuple[threading.Event, Outcome]] = []
 
-    def hold(device: Device) -> threading.Event:
+    def hold() -> threading.Event:
         locked, release = threading.Event(), threading.Event()
 
         def work() -> None:
             with transaction.atomic():
-                # The lock an UPDATE of the row takes: it lets foreign-key checks through.
-                Device.objects.select_for_update(no_key=True).filter(pk=device.pk).get()
+                placement_turn()
                 locked.set()
                 release.wait(60)
 
         holders.append((release, Outcome(work)))
-        assert locked.wait(30), "the holder never got its lock"
+        assert locked.wait(30), "the holder never got the turn"
         return release
 
     yield hold
@@ -114,19 +117,19 @@ def dead_attempt_on(device: Device, persona: Any) -> Assignment:
 
 
 def test_presses_and_reconcilers_at_once_never_deadlock_and_retry_each_dead_attempt_once(
-    postgresql, persona_factory, device_factory, redis_db, hold_device
+    postgresql, persona_factory, device_factory, redis_db, hold_turn
 ):
     devices = [device_factory("H100", worker=True) for _ in range(6)]
     top = max(devices, key=lambda d: d.pk)
-    second = sorted(devices, key=lambda d: d.pk)[1]
     dead: list[Assignment] = []
 
     for _ in range(ROUNDS):
         dead.append(dead_attempt_on(top, persona_factory()))
-        # The presses take the lowest device row and queue up behind the held second one; the
-        # reconcilers come while they wait. Under the old order the winning reconciler held the
-        # dead worker's (highest) device row by then, so a press reaching it closed a cycle.
-        release = hold_device(second)
+        # The presses hold their personas' rows and queue up for the turn; the reconcilers come
+        # while they wait: the winner holds the dead attempt's row and queues up for the turn to
+        # place its retry, the other waits for that row. Under the old order the winner held the
+        # dead worker's device row by then, so a press that had to lock it closed a cycle.
+        release = hold_turn()
         presses = [
             Outcome(lambda p=persona_factory(): sample_request_submit(persona=p, count=4)) for _ in range(PRESSES)
         ]
@@ -182,9 +185,7 @@ class ReadsInReverse:
         pass
 
 
-def test_a_monitor_tick_during_a_press_never_deadlocks(
-    postgresql, persona_factory, device_factory, settings, hold_device
-):
+def test_a_monitor_tick_during_a_press_never_deadlocks(postgresql, persona_factory, device_factory, settings):
     first, middle, last = sorted(
         (device_factory("H100", worker=True, health_reason="readings within limits") for _ in range(3)),
         key=lambda d: d.pk,
@@ -198,12 +199,15 @@ def test_a_monitor_tick_during_a_press_never_deadlocks(
         assert [row[0] for row in cursor.fetchall()] == [last.pk, first.pk, middle.pk]
     request = SampleRequest.objects.create(persona=persona_factory(), count=2, first_seed=0, model="m", steps=1)
     backend = ReadsInReverse([first, middle, last])
+    placed, release = threading.Event(), threading.Event()
 
     def press() -> list[Assignment]:
         with transaction.atomic():
-            # Two images on three idle devices: one on the first, one on the middle (placement
-            # locks only the devices it chose, in pk order).
-            return assignments_place(request_id=request.pk, count=2)
+            # Two images on three idle devices: one on the first, one on the middle.
+            assignments = assignments_place(request_id=request.pk, count=2)
+            placed.set()
+            release.wait(60)  # in its turn, not committed yet
+        return assignments
 
     def tick() -> int:
         with connection.cursor() as cursor:
@@ -211,14 +215,15 @@ def test_a_monitor_tick_during_a_press_never_deadlocks(
             cursor.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
         return len(snapshots_record(backend=backend, host=settings.GPUSCHEDULER["HOST"]))
 
-    # The press takes the first device row and waits behind the held middle one; the monitor's
-    # tick comes meanwhile. Its snapshots' foreign-key checks (last to first) and its last_seen
-    # UPDATE (in table order) each met a row the press held while holding one the press needed.
-    release = hold_device(middle)
+    # The press has placed on the first and middle devices and holds its turn; the monitor's tick
+    # comes meanwhile. Its snapshots' foreign-key checks (last to first) pass (the press holds no
+    # device row), and it waits for the turn before it locks the device rows to update them. When
+    # the press held the rows of the devices it chose, the tick's checks and its last_seen UPDATE
+    # (in table order) each met a row the press held while holding one the press needed.
     placing = Outcome(press)
-    wait_for_waiters(1)
+    assert placed.wait(30), "the press never placed"
     ticking = Outcome(tick)
-    wait_for_waiters(2)
+    wait_for_waiters(1)
     release.set()
     placing.join()
     ticking.join()

@@ -1,14 +1,17 @@
-"""Placement makes a fixed number of queries, locks only the devices it chose, and stays exact.
+"""Placement makes a fixed number of queries, locks no device row, and stays exact.
 
 Timings belong to bench/bench_placement.py; these tests check the shape that makes it fast: the
-same queries whatever the number of devices and snapshots, readings taken from the device row, no
-wait on a device it did not choose, and placements that take turns, each seeing the work placed
-before its turn (tests/test_concurrency.py has twenty of them at once).
+same three statements whatever the number of devices and snapshots (on PostgreSQL its reads
+prepared once per connection, and its turn taken in the same round trip as the backlogs),
+readings taken from the device row, no wait on a device row someone holds, and placements that
+take turns, each seeing the work placed before its turn (tests/test_concurrency.py has twenty of
+them at once).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,16 +19,17 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gpuscheduler import placement
 from gpuscheduler.backends import DeviceInfo, Reading
-from gpuscheduler.models import Assignment, Device, Snapshot
+from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
 from gpuscheduler.placement import assignments_place
 from gpuscheduler.placement_reads import device_views
-from gpuscheduler.services import device_observe, snapshots_record
+from gpuscheduler.services import PLACEMENT_LOCK, device_observe, snapshots_record
+from gpuscheduler.workloads import default_key_and_steps
 from personas.models import SampleRequest
 
 GIB = 1024**3
@@ -98,6 +102,75 @@ def test_a_placement_makes_as_many_queries_with_32_devices_as_with_4(policy, dev
     assert len(small) == len(large), (small, large)
     assert not [sql for sql in large if "gpuscheduler_snapshot" in sql], "readings come from the device rows"
     assert Device.objects.count() == 32 and Snapshot.objects.count() == 32 * 120
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_placement_is_three_statements_and_its_reads_are_prepared_once_per_connection(
+    device_factory, request_factory
+):
+    connection.close()  # a new session: nothing prepared on it yet
+    for _ in range(3):
+        device_factory("H100", worker=True, speed=1.0)
+    model, steps = default_key_and_steps()
+
+    def statements() -> list[str]:
+        request = request_factory()
+        with CaptureQueriesContext(connection) as captured:
+            place(request, count=4, model=model, steps=steps)
+        # The placement's own: not the BEGIN and COMMIT of `place`'s transaction.
+        return [q["sql"] for q in captured.captured_queries if q["sql"].split()[0] not in ("BEGIN", "COMMIT")]
+
+    first, second = statements(), statements()
+
+    assert [len(first), len(second)] == [3, 3], (first, second)
+    assert second[2].startswith('INSERT INTO "gpuscheduler_assignment"')
+    if connection.vendor == "postgresql":
+        # The device read, then the turn and the backlogs in one round trip, then the insert.
+        assert first[0].startswith("PREPARE gpuscheduler_read_") and first[1].startswith(TURN + "; PREPARE ")
+        read, backlogs = (re.search(r"PREPARE (\S+) AS ", sql).group(1) for sql in first[:2])  # type: ignore[union-attr]
+        assert second[:2] == [f"EXECUTE {read}", f"{TURN}; EXECUTE {backlogs}"]
+    else:
+        assert [sql.split()[0] for sql in second] == ["SELECT", "SELECT", "INSERT"]
+
+
+TURN = f"SELECT pg_advisory_xact_lock({PLACEMENT_LOCK})"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_placement_after_the_sessions_statements_were_dropped_fails_once_and_the_next_prepares_them_again(
+    device_factory, request_factory
+):
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only: nothing is prepared on SQLite")
+    device = device_factory("H100", worker=True, speed=1.0)
+    place(request_factory())
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # what a pooler's DISCARD ALL does to them
+
+    with pytest.raises(DatabaseError, match="does not exist"):
+        place(request_factory())
+    (placed,) = place(request_factory())
+
+    assert placed.planned_device_id == device.pk
+    assert Assignment.objects.count() == 2
+
+
+def test_the_attempts_a_placement_returns_are_the_saved_rows(device_factory, request_factory):
+    device_factory("H100", worker=True, speed=1.0)
+    request = request_factory()
+
+    placed = place(request, count=2, first_index=6, attempt=2)
+
+    stored = list(Assignment.objects.filter(request=request).order_by("first_index"))
+    assert [a.pk for a in placed] == [a.pk for a in stored]
+    assert [(a.first_index, a.image_count, a.attempt, a.state, a.error) for a in placed] == [
+        (6, 2, 2, AssignmentState.QUEUED, "")
+    ]
+    assert placed[0].queued_at == stored[0].queued_at, "the database's clock, read on first use"
+    placed[0].reason = "changed"
+    placed[0].save()
+    assert Assignment.objects.get(pk=placed[0].pk).reason == "changed"
+    assert Assignment.objects.count() == 1, "saved again as the row it is, not inserted"
 
 
 class FakeBackend:
@@ -174,18 +247,19 @@ def test_work_placed_after_the_devices_were_read_counts(device_factory, request_
 
 
 class Held:
-    """One device row locked FOR UPDATE from a connection of its own until release()."""
+    """One device row locked FOR UPDATE (FOR NO KEY UPDATE, the lock an UPDATE of it takes, with
+    `no_key`) from a connection of its own until release()."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, *, no_key: bool = False) -> None:
         self.locked, self.released = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._hold, args=(device.pk,), daemon=True)
+        self.thread = threading.Thread(target=self._hold, args=(device.pk, no_key), daemon=True)
         self.thread.start()
         assert self.locked.wait(30), "the holder never got its lock"
 
-    def _hold(self, pk: int) -> None:
+    def _hold(self, pk: int, no_key: bool) -> None:
         try:
             with transaction.atomic():
-                Device.objects.select_for_update().filter(pk=pk).get()
+                Device.objects.select_for_update(no_key=no_key).filter(pk=pk).get()
                 self.locked.set()
                 self.released.wait(60)
         finally:
@@ -197,11 +271,11 @@ class Held:
 
 
 @pytest.fixture
-def hold() -> Iterator[Callable[[Device], Held]]:
+def hold() -> Iterator[Callable[..., Held]]:
     held: list[Held] = []
 
-    def make(device: Device) -> Held:
-        held.append(Held(device))
+    def make(device: Device, *, no_key: bool = False) -> Held:
+        held.append(Held(device, no_key=no_key))
         return held[-1]
 
     yield make
@@ -252,6 +326,21 @@ def test_a_placement_does_not_wait_for_a_lock_on_a_device_it_did_not_choose(
     assert placing.finished(), "the placement waited for the lock on a device it did not choose"
     assert placing.error is None, placing.error
     assert [a.planned_device_id for a in placing.result or []] == [idle.pk]
+    holder.release()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_placement_does_not_wait_for_an_update_of_the_device_it_chose(
+    postgresql, device_factory, request_factory, hold
+):
+    only = device_factory("H100", worker=True, speed=1.0)
+    holder = hold(only, no_key=True)  # a heartbeat or a health change in flight on its row
+
+    placing = Placing(request_factory())
+
+    assert placing.finished(), "the placement waited for the device's row (it takes no lock on it)"
+    assert placing.error is None, placing.error
+    assert [a.planned_device_id for a in placing.result or []] == [only.pk]
     holder.release()
 
 

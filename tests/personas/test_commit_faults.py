@@ -213,7 +213,8 @@ def test_a_full_disk_leaves_no_partial_file_and_names_the_file(running, settings
     with pytest.raises(
         # The second file written is the first image's thumbnail, stored right after its PNG.
         StorageFault,
-        match=rf"^No space left on device: media/samples/persona-{request.persona_id}/r{request.pk}-i0-a\d+\.thumb\.webp",
+        match=rf"^No space left on device: media/samples/persona-{request.persona_id}/r{request.pk}-i0-a\d+"
+        r"\.thumb\.webp",
     ):
         commit(request, assignment, device)
 
