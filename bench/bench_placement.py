@@ -30,12 +30,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import postgres_database
+from harness import child_run, each_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 64
@@ -83,46 +80,15 @@ def main() -> None:
         print(json.dumps(run_child(args)))
         return
 
-    results: dict[str, Any] = {}
-    work = Path(tempfile.mkdtemp(prefix="bench-placement-"))
-    try:
-        results["sqlite"] = spawn("sqlite", f"sqlite:///{work / 'bench.sqlite3'}", work, args)
-        url = os.environ.get("DATABASE_URL", "")
-        if url.startswith(("postgres://", "postgresql://", "pgsql://")):
-            with postgres_database(url, "bench_placement") as bench_url:
-                results["postgresql"] = spawn("postgresql", bench_url, work, args)
-        else:
-            print("DATABASE_URL names no PostgreSQL database: timing SQLite only.", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    missed = print_table(results, args)
-    sys.exit(1 if missed else 0)
+    options = [f"--{name}={getattr(args, name)}" for name in ("rounds", "placements", "threads", "seconds")]
 
-
-def spawn(backend: str, url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATA_DIR": str(work / backend),
-        "DATABASE_URL": url,
-        "DJANGO_DEBUG": "false",  # no query log in memory
-        "GPU_POLICY": "balanced",
+    def run(backend: str, url: str, work: Path) -> dict[str, Any]:
         # Heartbeats go on (their writes compete with placements), but a worker starved of its turn
         # by the old placement must not make its device stale mid-run.
-        "GPU_LEASE_SECONDS": "600",
-        "PYTHONPATH": str(ROOT),
-    }
-    (work / backend).mkdir(exist_ok=True)
-    command = [sys.executable, __file__, "--child", backend]
-    for name in ("rounds", "placements", "threads", "seconds"):
-        command += [f"--{name}", str(getattr(args, name))]
-    print(f"{backend}: filling and timing (a few minutes)...", file=sys.stderr)
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"the {backend} run failed")
-    sys.stderr.write(done.stderr)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+        return dict(child_run(__file__, backend, url, work, options, GPU_POLICY="balanced", GPU_LEASE_SECONDS="600"))
+
+    missed = print_table(each_backend("bench-placement", run), args)
+    sys.exit(1 if missed else 0)
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> bool:

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import postgres_database
+from harness import child_run, each_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 200.0
@@ -56,49 +52,14 @@ def main() -> None:
         print(json.dumps(run_child(args.child, requests=args.requests, devices=args.devices)))
         return
 
-    results: list[dict[str, Any]] = []
-    work = Path(tempfile.mkdtemp(prefix="bench-status-"))
-    try:
-        results += spawn("sqlite", f"sqlite:///{work / 'bench.sqlite3'}", work, args)
-        url = os.environ.get("DATABASE_URL", "")
-        if url.startswith(("postgres://", "postgresql://", "pgsql://")):
-            with postgres_database(url, "bench_status") as bench_url:
-                results += spawn("postgresql", bench_url, work, args)
-        else:
-            print("DATABASE_URL names no PostgreSQL database: timing SQLite only.", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    options = ["--requests", str(args.requests), "--devices", str(args.devices)]
+    by_backend = each_backend(
+        "bench-status", lambda backend, url, work: {"rows": child_run(__file__, backend, url, work, options)}
+    )
+    results: list[dict[str, Any]] = [row for found in by_backend.values() for row in found["rows"]]
     print_table(results, devices=args.devices, requests=args.requests)
     slow = [r for r in results if r["median_ms"] > TARGET_MS]
     sys.exit(1 if slow else 0)
-
-
-def spawn(backend: str, url: str, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATA_DIR": str(work / backend),
-        "DATABASE_URL": url,
-        "DJANGO_DEBUG": "false",  # no query log in memory
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        backend,
-        "--requests",
-        str(args.requests),
-        "--devices",
-        str(args.devices),
-    ]
-    print(f"{backend}: filling and timing (this takes a minute or two)...", file=sys.stderr)
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"the {backend} run failed")
-    sys.stderr.write(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def print_table(results: list[dict[str, Any]], *, devices: int, requests: int) -> None:

@@ -170,7 +170,7 @@ def each_backend(prefix: str, run: Callable[[str, str, Path], dict[str, Any]]) -
     return results
 
 
-def child_run(script: str, backend: str, url: str, work: Path, options: list[str], **env: str) -> dict[str, Any]:
+def child_run(script: str, backend: str, url: str, work: Path, options: list[str], **env: str) -> Any:
     """Run `script --child BACKEND OPTIONS` in a process of its own (Django's settings are fixed once
     per process) on the database `url`, DATA_DIR under `work`; returns the JSON its last line prints."""
     import json
@@ -192,4 +192,4 @@ def child_run(script: str, backend: str, url: str, work: Path, options: list[str
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"the {backend} run failed")
     sys.stderr.write(done.stderr)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ from personas.commit import CallSummary, Written, commit_call, commit_written, r
 from personas.imagegen import AttemptLost, GeneratedImage, GenerationResult
 from personas.models import SampleImage, SampleRequest
 from personas.services import sample_image_path
-from personas.thumbnails import thumbnail_from_png, thumbnail_name
+from personas.thumbnails import thumbnail_name
 
 if TYPE_CHECKING:
     from gpuscheduler.heartbeat import WorkerContext
@@ -72,10 +72,10 @@ def _write_files(
                 assignment_id=attempt.pk,
             )
             files.append((name, image.png))
-            thumbnail = image.thumbnail or thumbnail_from_png(image.png)
-            if thumbnail:
-                files.append((thumbnail_name(name), thumbnail))
-            counts.append(1 + bool(thumbnail))
+            # Made with the PNG by the encoder (imagegen._encode); none when it could not be made.
+            if image.thumbnail:
+                files.append((thumbnail_name(name), image.thumbnail))
+            counts.append(1 + bool(image.thumbnail))
     refused: tuple[str, Exception] | None = None
     try:
         for i, (name, _) in enumerate(files):

@@ -88,13 +88,16 @@ class SamplesReport:
     unknown: list[StrayFile] = field(default_factory=list)
     recent: int = 0
     in_progress: int = 0
-    thumbnails_missing: int = 0
     thumbnails_made: int = 0
-    thumbnail_ids: list[int] = field(default_factory=list)  # the images missing one (not reported)
+    thumbnail_ids: list[int] = field(default_factory=list)  # the images without one (counted, not listed)
     repair: bool = False
     requeued: list[Requeued] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+
+    @property
+    def thumbnails_missing(self) -> int:
+        return len(self.thumbnail_ids)
 
     @property
     def problems_left(self) -> int:
@@ -106,7 +109,7 @@ class SamplesReport:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["thumbnail_ids"]
+        data["thumbnails_missing"] = len(data.pop("thumbnail_ids"))
         data["problems_left"] = self.problems_left
         return data
 
@@ -145,7 +148,6 @@ def samples_verify(
 
     # A thumbnail is not data: one missing is counted (and made again by --repair), never "broken".
     report.thumbnail_ids = [pk for pk in rows if pk not in problems and thumbnails[pk] not in files]
-    report.thumbnails_missing = len(report.thumbnail_ids)
     named = set(rows.values()) | {name for name in thumbnails.values() if name}
     _judge_files(report, sorted(files - named), grace=timedelta(seconds=grace_seconds), now=now)
     return report

@@ -76,7 +76,6 @@ def persona_gallery(*, persona: Persona, page: str | int | None = None) -> dict[
         groups.append(GalleryGroup(request, together, made.get(request_id, len(together)), name))
     return {
         "latest_request": persona_latest_request(persona=persona),
-        "sample_images": rows,
         "sample_groups": groups,
         "sample_page": shown,
         "sample_image_total": shown.paginator.count,

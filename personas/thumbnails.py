@@ -16,8 +16,6 @@ import io
 import logging
 from typing import Any
 
-from django.db.models import Q
-
 from config.storage import SaveError, samples_storage, storage_errors, storage_save_all
 from gpuscheduler.conf import samples_config
 from personas.models import SampleImage
@@ -74,22 +72,16 @@ def thumbnail_or_empty(picture: Any) -> bytes:
 
 
 def thumbnail_from_png(png: bytes) -> bytes:
-    """The thumbnail of an encoded PNG (an image made without one); b"" when it cannot be made."""
+    """The thumbnail of a stored PNG (an image made without one); b"" when it cannot be made."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(png)) as picture:
             picture.load()
-            return thumbnail_or_empty(picture)
-    except Exception as exc:
+            return thumbnail_encode(picture)
+    except Exception as exc:  # not a picture, or one Pillow cannot thumbnail
         log.warning("no thumbnail for this image (the gallery shows the full image): %s", exc)
         return b""
-
-
-def thumbnails_missing(files: set[str]) -> list[int]:
-    """Images whose thumbnail is not in the listing `files` (or that name none), by id."""
-    rows = SampleImage.objects.order_by("pk").values_list("pk", "image", "thumbnail").iterator(chunk_size=2000)
-    return [pk for pk, image, thumbnail in rows if image and (not thumbnail or thumbnail not in files)]
 
 
 def thumbnails_make(image_ids: list[int]) -> tuple[int, list[str]]:
@@ -119,5 +111,5 @@ def thumbnails_make(image_ids: list[int]) -> tuple[int, list[str]]:
             problems.append(f"image {image.pk}: the thumbnail {thumb} cannot be written ({exc.error})")
             continue
         # Only the row as it was read: not one whose image was replaced meanwhile.
-        made += SampleImage.objects.filter(Q(pk=image.pk) & Q(image=name)).update(thumbnail=thumb)
+        made += SampleImage.objects.filter(pk=image.pk, image=name).update(thumbnail=thumb)
     return made, problems

@@ -309,7 +309,8 @@ def test_the_gallery_and_the_progress_show_the_model_each_request_recorded(perso
     gallery = persona_gallery(persona=persona)
     progress = request_progress(request=request)
 
-    assert sorted(image.model_name for image in gallery["sample_images"]) == ["old", "small-one"]
+    shown = [image for group in gallery["sample_groups"] for image in group.images]
+    assert sorted(image.model_name for image in shown) == ["old", "small-one"]
     assert progress["model"] == {"name": "small-one", "key": request.model}
     assert [image["model"] for image in progress["images"]] == ["small-one"]
 

@@ -18,7 +18,7 @@ from PIL import Image
 from gpuscheduler.assignments import assignment_claim
 from gpuscheduler.checks import check_thumbnail_format
 from personas.attempts import sample_images_commit
-from personas.imagegen import GeneratedImage, placeholder_image
+from personas.imagegen import GeneratedImage, encode_all, placeholder_image
 from personas.models import RequestState, SampleImage, SampleRequest
 from personas.selectors import GALLERY_PAGE_SIZE
 from personas.services import sample_attempt_files_remove, sample_images_delete, sample_request_submit
@@ -63,11 +63,9 @@ def format_and_size(data: bytes) -> tuple[str | None, tuple[int, int]]:
 
 
 def large_png(seed: int, size: int = 512) -> GeneratedImage:
-    """A PNG larger than a thumbnail, with no thumbnail of its own (as an image made before them)."""
-    base = picture(placeholder_image(seed).png).resize((size, size))
-    buffer = io.BytesIO()
-    base.save(buffer, format="PNG")
-    return GeneratedImage(seed=seed, png=buffer.getvalue(), width=size, height=size)
+    """A picture larger than a thumbnail, encoded as the worker encodes a pipeline's output."""
+    (encoded,) = encode_all([picture(placeholder_image(seed).png).resize((size, size))], [seed])
+    return encoded
 
 
 # --- made by the worker ---------------------------------------------------------------------------
@@ -81,7 +79,6 @@ def test_each_image_gets_a_webp_thumbnail_no_larger_than_the_setting_named_on_it
     assert stored_names() == files_of(images)
     for image in images:
         assert image.thumbnail == image.image.name.removesuffix(".png") + ".thumb.webp"
-        # Made from the PNG: this image came without a thumbnail.
         assert format_and_size(stored_bytes(image.thumbnail)) == ("WEBP", (256, 256))
 
 
