@@ -233,6 +233,10 @@ GPUSCHEDULER = {
     "MONITOR_INTERVAL": env_float("GPU_MONITOR_INTERVAL", 2.0, minimum=0.1, maximum=3600),
     "HEARTBEAT_INTERVAL": env_float("GPU_HEARTBEAT_INTERVAL", 2.0, minimum=0.1, maximum=60),
     "LEASE_SECONDS": env_float("GPU_LEASE_SECONDS", 10.0, minimum=1, maximum=3600),
+    # How old a press's read of the devices may be: each process reuses its last one this long
+    # (gpuscheduler/placement_reads.py recent_device_reads says why that is safe); 0 reads them
+    # on every press.
+    "PLACEMENT_READ_SECONDS": env_float("GPU_PLACEMENT_READ_SECONDS", 0.5, minimum=0, maximum=10),
     "WATCHDOG_GRACE": env_float("GPU_WATCHDOG_GRACE", 30.0, minimum=1, maximum=3600),
     "SNAPSHOT_RAW_HOURS": env_float("GPU_SNAPSHOT_RAW_HOURS", 2.0, minimum=0.1, maximum=24 * 90),
     "SNAPSHOT_BUCKET_SECONDS": env_int("GPU_SNAPSHOT_BUCKET_SECONDS", 60, minimum=5, maximum=86400),

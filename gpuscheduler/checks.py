@@ -70,6 +70,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 id="gpuscheduler.E005",
             )
         )
+    read_seconds = config.get("PLACEMENT_READ_SECONDS")
+    if isinstance(read_seconds, bool) or not isinstance(read_seconds, int | float) or not 0 <= read_seconds <= 10:
+        problems.append(
+            Error(
+                f"GPU_PLACEMENT_READ_SECONDS={read_seconds!r} is not a number of seconds from 0 to 10.",
+                hint="Set GPU_PLACEMENT_READ_SECONDS to 0.5 (the default), or 0 to read the devices on every press.",
+                id="gpuscheduler.E008",
+            )
+        )
     if config["STEAL"] not in STEAL_RULES:
         problems.append(
             Error(

@@ -20,8 +20,16 @@ from django.db.models import NOT_PROVIDED, Field
 from gpuscheduler import queues, workloads
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device
-from gpuscheduler.placement_reads import DeviceRead, device_backlogs_for, device_reads, placement_sequence, views_with
-from gpuscheduler.policies import Chunk, DeviceView, get_policy, plan_chunks, plan_pinned
+from gpuscheduler.placement_reads import (
+    DeviceRead,
+    device_backlogs_for,
+    device_reads,
+    placement_sequence,
+    recent_device_reads,
+    views_with,
+)
+from gpuscheduler.planning import plan_chunks, plan_pinned
+from gpuscheduler.policies import Chunk, DeviceView, get_policy
 from gpuscheduler.services import placement_turn_statement
 
 log = logging.getLogger(__name__)
@@ -85,7 +93,10 @@ def assignments_place(
     if model is None:
         model, default_steps = workloads.default_key_and_steps()
         steps = steps or default_steps
-    chunks = placement_locked(device_reads(model=model, steps=steps), plan, model=model)
+    # A retry, or work pinned to a device, reads the devices anew; a press may reuse a recent read.
+    fresh = pinned_device is not None or avoid_device_id is not None or whole
+    reads = device_reads(model=model, steps=steps) if fresh else recent_device_reads(model=model, steps=steps)
+    chunks = placement_locked(reads, plan, model=model)
     pinned = pinned_device is not None
     created = _insert(
         [

@@ -22,7 +22,8 @@ from itertools import islice
 from typing import Any
 
 from gpuscheduler.curves import Curve
-from gpuscheduler.policies import POLICIES, STEAL_RULES, DeviceView, get_policy, plan_chunks, steal_pays
+from gpuscheduler.planning import plan_chunks
+from gpuscheduler.policies import POLICIES, STEAL_RULES, DeviceView, get_policy, steal_pays
 
 # A device filling a call looks this far into each queue for chunks of the same model and steps:
 # enough to fill any call, and it keeps a long queue from making every call cost O(queue).

@@ -26,6 +26,9 @@ os.environ.setdefault("SAMPLES_STEPS", "2")
 os.environ.setdefault("LOG_LEVEL", "warning")
 # The media store's free-space floor: low, so a nearly full CI disk does not pause every worker.
 os.environ.setdefault("STORAGE_MIN_FREE_MB", "1")
+# Every press reads the devices anew: tests change a device and place at once, where a deployment's
+# presses may reuse a read up to half a second old (tests/gpuscheduler/test_recent_reads.py tests that).
+os.environ.setdefault("GPU_PLACEMENT_READ_SECONDS", "0")
 
 from config.settings import *  # noqa: F403
 

@@ -212,7 +212,8 @@ def test_queued_work_of_another_model_ahead_takes_the_warm_model_away_from_a_cac
 
 def test_a_split_that_makes_two_devices_load_the_model_to_save_one_image_does_not_pay():
     from gpuscheduler.curves import Curve
-    from gpuscheduler.policies import DeviceView, balanced, plan_chunks
+    from gpuscheduler.planning import plan_chunks
+    from gpuscheduler.policies import DeviceView, balanced
 
     def view(id: int, warm: bool) -> DeviceView:
         curve = Curve(fixed=0.0, per_image=0.1, calls=10, sizes=2)  # 0.1 s an image, nothing per call

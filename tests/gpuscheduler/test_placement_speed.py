@@ -23,7 +23,7 @@ from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from gpuscheduler import placement
+from gpuscheduler import placement_reads
 from gpuscheduler.backends import DeviceInfo, Reading
 from gpuscheduler.models import Assignment, AssignmentState, Device, Snapshot
 from gpuscheduler.placement import assignments_place
@@ -232,14 +232,15 @@ def test_a_workers_own_reading_reaches_the_device_row(device_factory, request_fa
 
 def test_work_placed_after_the_devices_were_read_counts(device_factory, request_factory, monkeypatch):
     first, second = device_factory("H100", worker=True, speed=1.0), device_factory("H100", worker=True, speed=1.0)
-    real = placement.device_reads
+    real = placement_reads.device_reads
 
     def then_another_press(*args: Any, **kwargs: Any) -> Any:
         reads = real(*args, **kwargs)
         queue_on(first, request_factory(), images=6)  # committed while this placement waited for its turn
         return reads
 
-    monkeypatch.setattr(placement, "device_reads", then_another_press)
+    # A press reads the devices through recent_device_reads, which calls this.
+    monkeypatch.setattr(placement_reads, "device_reads", then_another_press)
 
     (placed,) = place(request_factory())
 

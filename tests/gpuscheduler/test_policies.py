@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from gpuscheduler.curves import Curve
+from gpuscheduler.planning import plan_chunks, plan_pinned
 from gpuscheduler.policies import (
     GIB,
     POLICIES,
@@ -17,8 +18,6 @@ from gpuscheduler.policies import (
     eligible,
     get_policy,
     least_memory,
-    plan_chunks,
-    plan_pinned,
     round_robin,
     steal_pays,
 )
