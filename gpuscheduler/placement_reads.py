@@ -303,7 +303,7 @@ def recent_device_reads(*, model: str, steps: int | None) -> list[DeviceRead]:
 
 
 def forget_device_reads() -> None:
-    """The next press reads the devices anew (after this process changed them, or a test's database)."""
+    """The next press reads the devices anew (a test's or a benchmark's devices changed under it)."""
     _RECENT.clear()
 
 

@@ -48,18 +48,7 @@ SETTING_KEYS = {
     "SAMPLES_STEPS": ("SAMPLES", "STEPS"),
     "SAMPLES_MAX_BATCH": ("SAMPLES", "MAX_BATCH"),
     "GPU_MODEL_CACHE": ("GPUSCHEDULER", "MODEL_CACHE"),
-    "GPU_PLACEMENT_READ_SECONDS": ("GPUSCHEDULER", "PLACEMENT_READ_SECONDS"),
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_device_reads() -> Iterator[None]:
-    """No press reuses a read of another test's devices (placement_reads.recent_device_reads)."""
-    from gpuscheduler.placement_reads import forget_device_reads
-
-    forget_device_reads()
-    yield
-    forget_device_reads()
 
 
 @pytest.fixture(autouse=True)
