@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import child_run, each_backend
+from harness import HostLoad, child_run, each_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 64
@@ -101,7 +101,9 @@ def main() -> None:
             )
         )
 
+    load = HostLoad()
     missed = print_table(each_backend("bench-placement", run), args)
+    print(load.summary())
     sys.exit(1 if missed else 0)
 
 

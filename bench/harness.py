@@ -122,6 +122,58 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+class HostLoad:
+    """How fast and how quiet the host was while a benchmark ran, to read its figures against:
+    a pure-Python loop's time (placement took 3x longer on the same machine on a crowded day), and the
+    share of CPU time the hypervisor took away (steal, from /proc/stat; None where there is none).
+
+        load = HostLoad()  # at the start
+        ...
+        print(load.summary())  # at the end
+    """
+
+    def __init__(self) -> None:
+        self.loop_ms = python_loop_ms()
+        self.started = _cpu_times()
+
+    def stolen(self) -> float | None:
+        now = _cpu_times()
+        if self.started is None or now is None:
+            return None
+        delta = [b - a for a, b in zip(self.started, now, strict=True)]
+        total = sum(delta)
+        return delta[7] / total if total > 0 and len(delta) > 7 else None  # user nice system idle iowait irq softirq steal
+
+    def summary(self) -> str:
+        stolen = self.stolen()
+        steal = "not reported" if stolen is None else f"{stolen:.0%} of CPU time"
+        return (
+            f"host: {os.cpu_count()} CPUs; a loop of a million Python additions took {self.loop_ms:.0f} ms "
+            f"(median of 5: compare it between runs); the hypervisor took {steal} during the run."
+        )
+
+
+def python_loop_ms() -> float:
+    import statistics
+
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def _cpu_times() -> list[int] | None:
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    return [int(v) for v in first[1:]] if first and first[0] == "cpu" else None
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers, *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -18,6 +18,7 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.db.models import BooleanField, ExpressionWrapper, Q
 
+from gpuscheduler import workloads
 from gpuscheduler.clock import DbNow, db_now
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device, Health
@@ -167,9 +168,7 @@ def assignment_retry(old: Assignment, *, reason: str) -> Assignment | None:
     """Place the next attempt of `old`'s chunk (the same images, in one chunk), away from the
     device it failed on if possible. None, and `old` marked failed, when there is no retry."""
     assert old.request_id is not None, "only sample attempts are retried"
-    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
-
-    if not SampleRequest.objects.filter(pk=old.request_id, state__in=ACTIVE_REQUEST_STATES).exists():
+    if not workloads.sample_work().request_active(old.request_id):
         # Cancelled (or already finished) while this attempt ran: nothing more to make.
         Assignment.objects.filter(pk=old.pk).update(
             state=AssignmentState.FAILED, error=f"{reason[:9000]}\nnot retried: the request is no longer active"
@@ -224,14 +223,11 @@ def assignment_retry(old: Assignment, *, reason: str) -> Assignment | None:
 
 
 def assignment_ended(old: Assignment, *, discard_files: bool) -> None:
-    """Tell the personas app an attempt ended: its request's state, and files it may have left."""
+    """Tell the app that owns the request an attempt ended: its request's state, and files it may
+    have left (workloads.SampleWork)."""
     if old.request_id is None:
         return
-    from personas.services import sample_attempt_files_remove, sample_request_refresh
-
-    if discard_files:
-        sample_attempt_files_remove(assignment=old)
-    sample_request_refresh(request_id=old.request_id)
+    workloads.sample_work().attempt_ended(old, discard_files)
 
 
 # --- canaries ----------------------------------------------------------------------------------------

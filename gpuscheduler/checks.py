@@ -18,8 +18,6 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
-    from personas.imagegen import ModelDirectoryMissing, ModelError, parse_model
-
     problems: list[Error | Warning] = []
     config = gpu_config()
     samples = samples_config()
@@ -38,24 +36,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 hint=f"Use one of: {', '.join(BACKENDS)}.",
                 id="gpuscheduler.E002",
             )
-        )
-    try:
-        parse_model(samples["MODEL"])
-    except ModelDirectoryMissing:
-        # Only this host lacks it: the web server may run where no model is (README, "Several
-        # machines"), and a Warning does not stop migrate or runserver as an Error would.
-        problems.append(
-            Warning(
-                f"SAMPLES_MODEL={samples['MODEL'].strip()!r} is not a diffusers directory on this host "
-                f"({config['HOST']}): there is no model_index.json in it.",
-                hint="GPU workers on this host will fail to load the model. That is fine on a host that only runs "
-                "the web server; on a GPU host, point SAMPLES_MODEL at a folder saved with save_pretrained().",
-                id="gpuscheduler.W002",
-            )
-        )
-    except ModelError as exc:
-        problems.append(
-            Error(str(exc), hint="Set SAMPLES_MODEL to 'tiny' to run without a real model.", id="gpuscheduler.E003")
         )
     if samples["MAX_BATCH"] < 1 or samples["MAX_PER_REQUEST"] < 1:
         problems.append(

@@ -22,6 +22,7 @@ import redis
 from django.conf import settings
 from rq import Queue
 
+from gpuscheduler import workloads
 from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
 from gpuscheduler.models import Assignment, AssignmentKind
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 # Any Redis failure (down, timing out, out of memory, a read-only replica) means "not now": the
 # database rows stay as they are and the reconciler retries.
 REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
-
-JOB_FUNCTIONS = {AssignmentKind.SAMPLES: "personas.jobs.generate_samples"}
 
 
 @lru_cache(maxsize=4)
@@ -52,12 +51,20 @@ def get_queue(name: str, connection: redis.Redis | None = None) -> Queue:
     return Queue(name, connection=connection or redis_connection())
 
 
+def _job_function(kind: AssignmentKind) -> str:
+    """The rq job that runs an attempt of this kind: registered by the app that owns the work
+    (workloads.SampleWork); canaries run in the worker's process, never through a queue."""
+    if kind != AssignmentKind.SAMPLES:
+        raise ValueError(f"attempts of kind {kind} are not queued")
+    return workloads.sample_work().job
+
+
 def enqueue_assignment(assignment: Assignment, connection: redis.Redis | None = None) -> None:
     """Put one assignment's job on its queue (raises a Redis error if Redis is down)."""
     config = samples_config()
     queue = get_queue(assignment.queue_name, connection)
     queue.enqueue_call(
-        func=JOB_FUNCTIONS[AssignmentKind(assignment.kind)],
+        func=_job_function(AssignmentKind(assignment.kind)),
         args=(assignment.pk,),
         job_id=assignment.job_id,
         timeout=config["JOB_TIMEOUT"],

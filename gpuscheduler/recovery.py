@@ -13,11 +13,11 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.db.models import Q
 
-from gpuscheduler import queues
+from gpuscheduler import queues, workloads
 from gpuscheduler.assignments import DEADLINE_GRACE, assignment_ended, assignment_retry
 from gpuscheduler.clock import clock_text, db_now
 from gpuscheduler.conf import lease, samples_config
-from gpuscheduler.models import LIVE_STATES, Assignment, AssignmentKind, AssignmentState, Device
+from gpuscheduler.models import Assignment, AssignmentKind, AssignmentState, Device
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def assignments_recover(*, now: datetime | None = None, requeue_grace: float = 5
         assignment_ended(old, discard_files=True)
 
     report.requeued = _requeue_missing(now=now, grace=timedelta(seconds=requeue_grace))
-    report.repaired_requests = _repair_requests(now=now)
+    report.repaired_requests = workloads.sample_work().repair_requests(now)
     if report:
         log.warning(
             "recovery: abandoned %s, re-enqueued %s, repaired requests %s",
@@ -132,20 +132,3 @@ def _requeue_missing(*, now: datetime, grace: timedelta) -> list[str]:
     )
     done = queues.enqueue_assignments(fresh)
     return [a.job_id for a in fresh[:done]]
-
-
-def _repair_requests(*, now: datetime) -> list[int]:
-    """Active requests with no live attempt left (a crash between two writes) get their final state."""
-    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
-    from personas.services import sample_request_refresh
-
-    orphaned = (
-        SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=now - timedelta(seconds=5))
-        .exclude(assignments__state__in=LIVE_STATES)
-        .values_list("pk", flat=True)[:100]
-    )
-    repaired = []
-    for request_id in orphaned:
-        sample_request_refresh(request_id=request_id)
-        repaired.append(request_id)
-    return repaired

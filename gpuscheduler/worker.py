@@ -368,8 +368,6 @@ def attach(device: Device, name: str, host: str) -> None:
 
 
 def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: bool = True) -> WorkerContext:
-    from personas.imagegen import Generator, Target  # torch-free at import time
-
     config = gpu_config()
     host = config["HOST"]
     device = scheduler.device_upsert(info=info, host=host)
@@ -380,7 +378,7 @@ def build_context(info: DeviceInfo, backend: Backend | None, *, attach_worker: b
         from gpuscheduler import simulated
 
         simulated.reset_load(info.uuid, os.getpid())  # a dead predecessor's load is gone with it
-    generator = Generator(Target(kind=info.kind, uuid=info.uuid, speed=info.speed))
+    generator = workloads.sample_work().generator(info.kind, info.uuid, info.speed)
     if attach_worker:
         # This process holds no model yet; from now on its pipeline cache records what it loads,
         # evicts and cannot load (a --sync run's process is gone when it ends: it records nothing).

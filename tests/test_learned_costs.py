@@ -43,7 +43,7 @@ def test_no_scheduler_code_reads_a_device_speed():
 def test_worker_building_its_generator_is_the_only_worker_line_that_passes_the_truth():
     source = (ROOT / "gpuscheduler/worker.py").read_text()
     lines = [line.strip() for line in source.splitlines() if ".speed" in line]
-    assert lines == ["generator = Generator(Target(kind=info.kind, uuid=info.uuid, speed=info.speed))"]
+    assert lines == ["generator = workloads.sample_work().generator(info.kind, info.uuid, info.speed)"]
 
 
 @pytest.mark.e2e

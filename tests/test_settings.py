@@ -22,6 +22,7 @@ from config.env import (
     env_str,
 )
 from gpuscheduler.checks import check_settings
+from personas.checks import check_samples_model
 from tests.processes import settings_in_a_fresh_process
 
 VAR = "PERSONA_TEST_SETTING"
@@ -311,6 +312,7 @@ def samples(settings):
 
 def test_the_test_settings_pass_every_check():
     assert check_settings() == []
+    assert check_samples_model() == []
 
 
 def test_an_unknown_policy_is_error_e001(gpu):
@@ -338,7 +340,7 @@ def test_an_unknown_stealing_rule_is_error_e007(gpu):
 @pytest.mark.parametrize("model", ["", "not a model!", "simulated:fast", "simulated:-1", "a/b/c", "owner/"])
 def test_a_bad_samples_model_is_error_e003(samples, model):
     samples(MODEL=model)
-    (problem,) = check_settings()
+    (problem,) = check_samples_model()
     assert problem.id == "gpuscheduler.E003"
     assert "SAMPLES_MODEL" in problem.msg
     assert "tiny" in problem.hint
@@ -347,7 +349,7 @@ def test_a_bad_samples_model_is_error_e003(samples, model):
 @pytest.mark.parametrize("model", ["tiny", "simulated:0.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
 def test_good_samples_models_pass(samples, model):
     samples(MODEL=model)
-    assert check_settings() == []
+    assert check_samples_model() == []
 
 
 @pytest.mark.parametrize(
@@ -355,7 +357,7 @@ def test_good_samples_models_pass(samples, model):
 )
 def test_a_model_directory_missing_on_this_host_is_only_warning_w002(samples, model):
     samples(MODEL=model)
-    (problem,) = check_settings()
+    (problem,) = check_samples_model()
     assert problem.id == "gpuscheduler.W002"
     assert isinstance(problem, Warning) and not isinstance(problem, Error)
     assert f"SAMPLES_MODEL={model.strip()!r} is not a diffusers directory on this host (testhost)" in problem.msg
@@ -364,9 +366,9 @@ def test_a_model_directory_missing_on_this_host_is_only_warning_w002(samples, mo
 
 def test_a_directory_without_model_index_json_is_warning_w002(samples, tmp_path):
     samples(MODEL=str(tmp_path))
-    assert ids(check_settings()) == ["gpuscheduler.W002"]
+    assert ids(check_samples_model()) == ["gpuscheduler.W002"]
     (tmp_path / "model_index.json").write_text("{}")
-    assert check_settings() == []
+    assert check_samples_model() == []
 
 
 def test_a_web_host_without_the_model_still_passes_manage_py_check(samples):
