@@ -142,7 +142,8 @@ class HostLoad:
             return None
         delta = [b - a for a, b in zip(self.started, now, strict=True)]
         total = sum(delta)
-        return delta[7] / total if total > 0 and len(delta) > 7 else None  # user nice system idle iowait irq softirq steal
+        # The columns: user nice system idle iowait irq softirq steal ...
+        return delta[7] / total if total > 0 and len(delta) > 7 else None
 
     def summary(self) -> str:
         stolen = self.stolen()
