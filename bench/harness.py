@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,7 +125,7 @@ def rss_bytes(pid: int) -> int:
 
 class HostLoad:
     """How fast and how quiet the host was while a benchmark ran, to read its figures against:
-    a pure-Python loop's time (placement took 3x longer on the same machine on a crowded day), and the
+    a pure-Python loop's time (placement took 3x longer on a crowded host than on a quiet one), and the
     share of CPU time the hypervisor took away (steal, from /proc/stat; None where there is none).
 
         load = HostLoad()  # at the start
@@ -155,8 +156,6 @@ class HostLoad:
 
 
 def python_loop_ms() -> float:
-    import statistics
-
     times = []
     for _ in range(5):
         started = time.perf_counter()

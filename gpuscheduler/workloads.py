@@ -72,8 +72,9 @@ class SampleWork:
     job: the dotted path of the rq job that runs one attempt, given the attempt's id.
     request_active(request_id): may the request still take images (not cancelled, not finished)?
       A retry is placed only while it may.
-    attempt_ended(attempt, discard_files): an attempt ended without success, or was abandoned
-      (discard_files: the files it may have put in place are not the request's).
+    attempt_ended(attempt, discard_files): an attempt of a request (request_id set) ended without
+      success, or was abandoned (discard_files: the files it may have put in place are not the
+      request's).
     repair_requests(now): give requests left with no live attempt their final state (a crash
       between two writes); returns the ids repaired.
     generator(kind, uuid, speed): the Generator a worker runs its calls on, built in the worker's

@@ -8,6 +8,8 @@ from typing import Any
 
 from gpuscheduler.models import LIVE_STATES, Assignment
 from gpuscheduler.workloads import SampleWork
+from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
+from personas.services import sample_attempt_files_remove, sample_request_refresh, sample_requests_refresh
 
 # The rq job that runs one attempt (personas/jobs.py), by the path rq stores with each job.
 JOB = "personas.jobs.generate_samples"
@@ -15,17 +17,13 @@ JOB = "personas.jobs.generate_samples"
 
 def request_active(request_id: int) -> bool:
     """May the request still take images? A retry of a cancelled or finished one is not placed."""
-    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
-
     return SampleRequest.objects.filter(pk=request_id, state__in=ACTIVE_REQUEST_STATES).exists()
 
 
 def attempt_ended(attempt: Assignment, discard_files: bool) -> None:
-    """An attempt ended without success: its request's state, and the files it may have left."""
-    from personas.services import sample_attempt_files_remove, sample_request_refresh
-
-    if attempt.request_id is None:
-        return
+    """An attempt of a request ended without success: its request's state, and the files it may
+    have left."""
+    assert attempt.request_id is not None, "the scheduler tells only of attempts of a request"
     if discard_files:
         sample_attempt_files_remove(assignment=attempt)
     sample_request_refresh(request_id=attempt.request_id)
@@ -33,20 +31,15 @@ def attempt_ended(attempt: Assignment, discard_files: bool) -> None:
 
 def repair_requests(now: datetime) -> list[int]:
     """Active requests with no live attempt left (a crash between two writes) get their final
-    state; at most 100 in one pass (recovery runs every few seconds)."""
-    from personas.models import ACTIVE_REQUEST_STATES, SampleRequest
-    from personas.services import sample_request_refresh
-
-    orphaned = (
+    state; at most 100 in one pass (recovery runs every few seconds), in a fixed number of queries."""
+    orphaned = list(
         SampleRequest.objects.filter(state__in=ACTIVE_REQUEST_STATES, created__lt=now - timedelta(seconds=5))
         .exclude(assignments__state__in=LIVE_STATES)
         .values_list("pk", flat=True)[:100]
     )
-    repaired = []
-    for request_id in orphaned:
-        sample_request_refresh(request_id=request_id)
-        repaired.append(request_id)
-    return repaired
+    if orphaned:
+        sample_requests_refresh(request_ids=orphaned)
+    return orphaned
 
 
 def generator(kind: str, uuid: str, speed: float) -> Any:

@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gpuscheduler import queues
@@ -152,6 +153,30 @@ def test_an_active_request_with_no_live_attempt_left_gets_its_final_state(person
 
     assert report.repaired_requests == [request.pk]
     assert SampleRequest.objects.get(pk=request.pk).state == RequestState.FAILED
+
+
+def test_orphaned_requests_of_either_outcome_are_repaired_in_a_fixed_number_of_queries(persona_factory, three_gpus):
+    def orphans(count: int) -> list[int]:
+        """`count` requests left with no live attempt, alternately all failed and all succeeded."""
+        ids = []
+        for n in range(count):
+            request = sample_request_submit(persona=persona_factory(), count=1, enqueue=False).request
+            state = AssignmentState.FAILED if n % 2 else AssignmentState.SUCCEEDED
+            Assignment.objects.filter(request=request).update(state=state, error="lost" if n % 2 else "")
+            ids.append(request.pk)
+        SampleRequest.objects.filter(pk__in=ids).update(created=timezone.now() - timedelta(minutes=1))
+        return ids
+
+    queries = []
+    for count in (2, 8):
+        ids = orphans(count)
+        with CaptureQueriesContext(connection) as captured:
+            report = assignments_recover()
+        assert sorted(report.repaired_requests) == ids
+        states = dict(SampleRequest.objects.filter(pk__in=ids).values_list("pk", "state"))
+        assert [states[pk] for pk in ids] == [RequestState.SUCCEEDED, RequestState.FAILED] * (count // 2)
+        queries.append(len(captured.captured_queries))
+    assert queries[0] == queries[1], queries
 
 
 def test_the_heartbeat_never_stops_a_job_it_did_not_find_abandoned(persona, three_gpus):

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
+from django.utils.module_loading import import_string
 
 from gpuscheduler import queues, workloads
 from gpuscheduler.assignments import assignment_claim, assignment_fail, assignments_place
 from gpuscheduler.models import Assignment, AssignmentState
 from gpuscheduler.recovery import assignments_recover
-from personas.models import SampleRequest
+from personas.jobs import generate_samples
+from personas.models import RequestState, SampleRequest
 from personas.sample_work import SAMPLE_WORK
 from personas.services import sample_request_submit
 
@@ -69,7 +71,7 @@ def test_without_a_registered_sample_kind_the_scheduler_says_what_to_install(mon
 
 def test_personas_registers_its_sample_kind_at_start():
     assert workloads.sample_work() is SAMPLE_WORK
-    assert SAMPLE_WORK.job == "personas.jobs.generate_samples"
+    assert import_string(SAMPLE_WORK.job) is generate_samples  # the path rq imports names the job
 
 
 @pytest.fixture
@@ -107,6 +109,8 @@ def test_the_scheduler_runs_sample_work_through_the_registered_hooks(recorded, p
     assert assignment_fail(assignment_id=attempt.pk, error="boom") is None
     assert recorded[:2] == [("active?", request.pk), ("ended", (attempt.pk, False))]
     assert Assignment.objects.get(pk=attempt.pk).state == AssignmentState.FAILED
+    # The hook the recording one forwards to refreshed the request: its one chunk failed.
+    assert SampleRequest.objects.get(pk=request.pk).state == RequestState.FAILED
 
     # Recovery asks the registered kind to repair requests left without live work.
     assert assignments_recover().repaired_requests == [4242]
@@ -118,4 +122,3 @@ def test_the_scheduler_runs_sample_work_through_the_registered_hooks(recorded, p
     queues.enqueue_assignment(queued)
     job = queues.get_queue(queued.queue_name).fetch_job(queued.job_id)
     assert job is not None and job.func_name == "tests.jobs.recorded"
-    assert SampleRequest.objects.filter(pk=request.pk).exists()
