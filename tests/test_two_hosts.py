@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,25 @@ def start_host(cluster, tmp_path: Path, name: str, store: dict[str, str], **extr
     return [cluster.start("gpumonitor", env=env), cluster.start("gpuworkers", env=env)]
 
 
+def kill_mid_run(processes: list[Any], mid_run: Callable[[], bool], what: Callable[[], str]) -> None:
+    """SIGKILL a host while `mid_run()` holds. The host is frozen (SIGSTOP) first and the
+    condition read again: both of its devices start their calls together and end them together,
+    so an attempt seen running a moment ago may have ended before an unfrozen kill lands."""
+    for _ in range(20):
+        wait_for(mid_run, 60, what, interval=0.05)
+        for process in processes:
+            os.killpg(process.pid, signal.SIGSTOP)
+        time.sleep(0.3)  # a commit sent before the stop lands
+        if mid_run():
+            break
+        for process in processes:
+            os.killpg(process.pid, signal.SIGCONT)
+    else:
+        raise AssertionError(f"never froze the host mid-run: {what()}")
+    for process in processes:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def host_devices(name: str) -> list[int]:
     return list(Device.objects.filter(host=name).values_list("pk", flat=True))
 
@@ -71,14 +92,11 @@ def test_two_hosts_serve_every_image_from_either_and_survive_losing_one(
     requests = [sample_request_submit(persona=persona_factory(), count=4).request for _ in range(6)]
     # Host B dies mid-run: after it made some images, with more of its own running.
     on_b = Assignment.objects.filter(device__host="host-b")
-    wait_for(
+    kill_mid_run(
+        host_b,
         lambda: on_b.filter(state=AssignmentState.SUCCEEDED).exists() and on_b.filter(state="running").exists(),
-        60,
         lambda: f"host-b to make images and run more\n{cluster.logs()}",
-        interval=0.05,
     )
-    for process in host_b:
-        os.killpg(process.pid, signal.SIGKILL)
 
     for request in requests:
         assert_exactly_once(wait_request(request, cluster, timeout=120))
