@@ -304,11 +304,13 @@ def test_a_worker_killed_in_the_middle_of_a_batched_call_leaves_every_image_made
         interval=0.05,
     )
     batch = list(running)
-    cluster.start_worker(survivor)
     assert Assignment.objects.filter(pk__in=[a.pk for a in batch], state=AssignmentState.RUNNING).count() == len(batch)
     assert not PipelineCall.objects.exists(), "the batched call is still running"
 
+    # Killed before the survivor starts: a worker's start (seconds on a loaded machine) must not
+    # eat into the 10.5 s call, which could end first.
     os.killpg(worker.pid, signal.SIGKILL)
+    cluster.start_worker(survivor)
     wait_done(requests, cluster)
 
     for request in requests:

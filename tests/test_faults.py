@@ -150,7 +150,8 @@ def test_gpuworkers_restarts_a_worker_whatever_its_exit_code(cluster):
 
 
 def test_attempt_frozen_while_its_retry_runs_keeps_only_one_set_of_images(cluster, persona):
-    cluster.configure(SAMPLES_MODEL="simulated:2")
+    # A 4 s call: it must still be running when it is frozen, a heartbeat after it was seen.
+    cluster.configure(SAMPLES_MODEL="simulated:4")
     first, second = sim_uuids()
     workers = {uuid: cluster.start_worker(uuid) for uuid in (first, second)}
     cluster.start_monitor()

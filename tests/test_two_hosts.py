@@ -65,7 +65,7 @@ def kill_mid_run(processes: list[Any], mid_run: Callable[[], bool], what: Callab
         wait_for(mid_run, 60, what, interval=0.05)
         for process in processes:
             os.killpg(process.pid, signal.SIGSTOP)
-        time.sleep(0.3)  # a commit sent before the stop lands
+        time.sleep(1.0)  # a commit sent before the stop lands
         if mid_run():
             break
         for process in processes:
