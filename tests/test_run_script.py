@@ -57,7 +57,8 @@ def test_a_group_that_ignores_sigterm_is_killed_whole_after_the_deadline(run_scr
 
     assert leader.poll() == -signal.SIGKILL
     assert not running(worker), "the worker in the leader's group was killed too"
-    assert time.monotonic() - started < 5
+    # Not left to its own end (its sleep lasts 60 s): a bound far from both, for a busy machine.
+    assert time.monotonic() - started < 30
 
 
 def test_a_warm_stop_waits_for_running_work_to_finish(run_script):
@@ -79,7 +80,8 @@ def test_a_second_signal_kills_at_once(run_script):
     run_script.stop_all([("gpuworkers", leader)], grace=600, signals=signals, poll=0.05)
 
     assert not running(worker) and leader.poll() is not None
-    assert time.monotonic() - started < 5
+    # Not after the 600 s grace: a bound far from it, and from the moment it takes, for a busy machine.
+    assert time.monotonic() - started < 60
 
 
 def test_processes_left_behind_by_a_dead_gpuworkers_are_stopped(run_script):
