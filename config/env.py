@@ -147,6 +147,22 @@ def env_host_id(name: str, *, data_dir: Path) -> str:
     return stored
 
 
+# libpq's settings for a network that fails silently (a host gone, a cable pulled, a firewall that
+# drops instead of refusing): without them a connect waits out the SYN retries (about 2 minutes), a
+# query sent into the void waits for TCP's retransmissions to give up (about 15 minutes) and a
+# reply that never comes is waited for forever. With them each ends in an error within about a
+# minute, which every caller already treats as a database restart. DATABASE_URL's query string
+# overrides any of them (?keepalives=0 turns the probes off).
+POSTGRES_NETWORK_DEFAULTS = {
+    "connect_timeout": "10",  # seconds
+    "keepalives": "1",
+    "keepalives_idle": "30",  # seconds of silence before the first probe
+    "keepalives_interval": "10",
+    "keepalives_count": "3",  # unanswered probes before the connection is dead
+    "tcp_user_timeout": "60000",  # milliseconds data sent may stay unacknowledged
+}
+
+
 def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
     """Turn DATABASE_URL into a Django DATABASES entry (SQLite or PostgreSQL)."""
     parts = urlsplit(url)
@@ -179,7 +195,8 @@ def database_from_url(url: str, *, base: Path) -> dict[str, Any]:
             raise ImproperlyConfigured(
                 f"DATABASE_URL={url!r} names no database: use postgresql://USER@HOST:5432/DBNAME."
             )
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        given = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        options = {**POSTGRES_NETWORK_DEFAULTS, **given}
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": name,

@@ -12,6 +12,7 @@ from django.core.checks import Error, Warning, run_checks
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import (
+    POSTGRES_NETWORK_DEFAULTS,
     database_from_url,
     env_bool,
     env_choice,
@@ -179,10 +180,29 @@ def test_a_postgresql_url_gives_every_connection_field():
         "PASSWORD": "s@cret",
         "HOST": "db.internal",
         "PORT": "5433",
-        "OPTIONS": {"sslmode": "require", "connect_timeout": "5"},
+        # The URL's options over the network defaults (its connect_timeout wins).
+        "OPTIONS": {**POSTGRES_NETWORK_DEFAULTS, "sslmode": "require", "connect_timeout": "5"},
         "CONN_MAX_AGE": 60,
         "CONN_HEALTH_CHECKS": True,
     }
+
+
+def test_a_postgresql_connection_gives_up_on_a_silent_network_within_a_minute_by_default():
+    # Keepalive probes after 30 s of silence, 3 of them 10 s apart; unacknowledged data at most
+    # 60 s; a connect at most 10 s (bench/bench_db_network.py measures what they change).
+    options = database_from_url("postgresql://app@db.internal/persona", base=Path("/"))["OPTIONS"]
+    assert options == {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "60000",
+    }
+    assert (
+        database_from_url("postgresql://app@db.internal/persona?keepalives=0", base=Path("/"))["OPTIONS"]["keepalives"]
+        == "0"
+    ), "the URL turns them off"
 
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql", "pgsql", "POSTGRESQL"])
@@ -488,3 +508,13 @@ def test_the_old_saturation_setting_is_reported_as_no_longer_read(monkeypatch):
     monkeypatch.setenv("SAMPLES_GPU_SATURATION", "8")
     (problem,) = [p for p in check_settings() if p.id == "gpuscheduler.W003"]
     assert "no longer read" in problem.msg and "learned" in problem.msg
+
+
+def test_the_postgresql_connection_carries_the_network_defaults(db):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("libpq's settings: PostgreSQL only")
+    connection.ensure_connection()
+    parameters = connection.connection.info.get_parameters()  # what libpq connected with
+    assert {name: parameters.get(name) for name in POSTGRES_NETWORK_DEFAULTS} == POSTGRES_NETWORK_DEFAULTS
