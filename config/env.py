@@ -13,7 +13,7 @@ import secrets
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -161,6 +161,25 @@ POSTGRES_NETWORK_DEFAULTS = {
     "keepalives_count": "3",  # unanswered probes before the connection is dead
     "tcp_user_timeout": "60000",  # milliseconds data sent may stay unacknowledged
 }
+
+
+# redis-py's settings for the same (it waits forever by default): every Redis connection of the
+# project, rq's and django-rq's (its dashboard, /metrics) too, is made from REDIS_URL through
+# redis_url_with_defaults. A value in REDIS_URL's query string wins.
+REDIS_NETWORK_DEFAULTS = {
+    "socket_connect_timeout": "3",  # seconds
+    "socket_timeout": "10",  # seconds for any reply (workers block on their queues for 1 s at a time)
+    "health_check_interval": "15",  # a connection idle this long is checked (PING) before its next use
+}
+
+
+def redis_url_with_defaults(url: str) -> str:
+    """REDIS_URL with REDIS_NETWORK_DEFAULTS added to its query string where it sets none of them."""
+    base, _, query = url.partition("?")  # not urlunsplit: it turns unix:///path into unix:/path
+    given = parse_qs(query)  # a blank value is no value, to redis-py too
+    added = urlencode({key: value for key, value in REDIS_NETWORK_DEFAULTS.items() if key not in given})
+    joined = "&".join(part for part in (query, added) if part)
+    return f"{base}?{joined}" if joined else base
 
 
 def database_from_url(url: str, *, base: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from config.env import (
     env_path,
     env_str,
     parse_simulated_spec,
+    redis_url_with_defaults,
 )
 from config.storage import SAMPLES_ALIAS, samples_storage_settings
 from gpuscheduler.backends import BACKENDS  # plain constants: no torch, no NVML
@@ -187,7 +188,7 @@ AXES_SENSITIVE_PARAMETERS: list[str] = []
 AXES_VERBOSE = False
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-RQ_QUEUES = {"default": {"URL": REDIS_URL}}
+RQ_QUEUES = {"default": {"URL": redis_url_with_defaults(REDIS_URL)}}  # timeouts: config/env.py
 RQ = {"COMMIT_MODE": "on_db_commit"}
 RQ_SHOW_ADMIN_LINK = True
 

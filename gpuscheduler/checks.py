@@ -9,11 +9,23 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from config.env import redis_url_with_defaults
 from gpuscheduler.backends import BACKENDS
 from gpuscheduler.conf import gpu_config, samples_config
 from gpuscheduler.policies import POLICIES, STEAL_RULES
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What redis-py would refuse in REDIS_URL's options (at the first connection, in a worker)."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(redis_url_with_defaults(url))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @register()
@@ -83,6 +95,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
                 f"REDIS_URL={settings.REDIS_URL!r} has the scheme {url.scheme!r}.",
                 hint="Use redis://HOST:6379/0, rediss:// for TLS, or unix:///path/to/redis.sock.",
                 id="gpuscheduler.E006",
+            )
+        )
+    elif (bad_option := _redis_url_problem(settings.REDIS_URL)) is not None:
+        problems.append(
+            Error(
+                f"REDIS_URL's query string is not what redis-py reads: {bad_option}",
+                hint="Give its options numbers (socket_timeout=10, socket_connect_timeout=3, health_check_interval=15) "
+                "or leave them out for those defaults.",
+                id="gpuscheduler.E009",
             )
         )
     elif url.scheme == "redis" and (url.hostname or "") not in LOCAL_HOSTS and not url.password:

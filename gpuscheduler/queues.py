@@ -22,6 +22,7 @@ import redis
 from django.conf import settings
 from rq import Queue
 
+from config.env import redis_url_with_defaults
 from gpuscheduler import workloads
 from gpuscheduler.clock import DbNow
 from gpuscheduler.conf import samples_config
@@ -36,7 +37,8 @@ REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
 @lru_cache(maxsize=4)
 def _connection(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=15)
+    # Timeouts from REDIS_URL's query string, or the project's defaults (config/env.py).
+    return redis.Redis.from_url(redis_url_with_defaults(url))
 
 
 def redis_connection() -> redis.Redis:

@@ -21,6 +21,7 @@ from config.env import (
     env_list,
     env_path,
     env_str,
+    redis_url_with_defaults,
 )
 from gpuscheduler.checks import check_settings
 from personas.checks import check_samples_model
@@ -429,6 +430,14 @@ def test_a_redis_url_with_a_wrong_scheme_is_error_e006(settings, url):
     assert isinstance(problem, Error)
 
 
+@pytest.mark.parametrize("option", ["socket_timeout=abc", "max_connections=many", "health_check_interval=soon"])
+def test_a_redis_url_option_redis_py_would_refuse_is_error_e009(settings, option):
+    settings.REDIS_URL = f"redis://:pw@127.0.0.1:6379/0?{option}"
+    (problem,) = check_settings()
+    assert problem.id == "gpuscheduler.E009" and isinstance(problem, Error)
+    assert option.split("=")[0] in problem.msg and "pw" not in problem.msg
+
+
 def test_remote_redis_without_a_password_is_warning_w001(settings):
     settings.REDIS_URL = "redis://redis.internal:6379/0"
     (problem,) = check_settings()
@@ -445,6 +454,7 @@ def test_remote_redis_without_a_password_is_warning_w001(settings):
         "redis://:s3cret@redis.internal:6379/0",
         "rediss://redis.internal:6380/0",
         "unix:///run/redis/redis.sock",
+        "redis://127.0.0.1:6379/0?socket_timeout=30&health_check_interval=0",
     ],
 )
 def test_local_password_protected_tls_or_socket_redis_passes(settings, url):
@@ -518,3 +528,48 @@ def test_the_postgresql_connection_carries_the_network_defaults(db):
     connection.ensure_connection()
     parameters = connection.connection.info.get_parameters()  # what libpq connected with
     assert {name: parameters.get(name) for name in POSTGRES_NETWORK_DEFAULTS} == POSTGRES_NETWORK_DEFAULTS
+
+
+# --- REDIS_URL: the network defaults ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis://127.0.0.1:6379/0",
+            "redis://127.0.0.1:6379/0?socket_connect_timeout=3&socket_timeout=10&health_check_interval=15",
+        ),
+        (  # what the URL sets is kept, and not set twice
+            "rediss://:pw@redis.internal:6380/1?socket_timeout=30&ssl_cert_reqs=none",
+            "rediss://:pw@redis.internal:6380/1?socket_timeout=30&ssl_cert_reqs=none"
+            "&socket_connect_timeout=3&health_check_interval=15",
+        ),
+        (  # a blank value is none, to redis-py too
+            "redis://127.0.0.1:6379/0?socket_timeout=",
+            "redis://127.0.0.1:6379/0?socket_timeout=&socket_connect_timeout=3&socket_timeout=10&health_check_interval=15",
+        ),
+        (
+            "unix:///run/redis/redis.sock?db=2",
+            "unix:///run/redis/redis.sock?db=2&socket_connect_timeout=3&socket_timeout=10&health_check_interval=15",
+        ),
+    ],
+)
+def test_every_redis_url_gets_the_network_defaults_it_does_not_set(url, expected):
+    assert redis_url_with_defaults(url) == expected
+
+
+def test_the_redis_connections_of_rq_and_django_rq_time_out():
+    # A Redis behind a silent network would otherwise hold a worker, a press, the RQ dashboard
+    # and /metrics (django-rq's collector) forever: redis-py waits without limit by default.
+    import django_rq
+
+    from gpuscheduler.queues import redis_connection
+
+    for connection in (redis_connection(), django_rq.get_connection("default")):
+        options = connection.connection_pool.connection_kwargs
+        assert (options["socket_connect_timeout"], options["socket_timeout"], options["health_check_interval"]) == (
+            3,
+            10,
+            15,
+        )
