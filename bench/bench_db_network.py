@@ -7,12 +7,12 @@ A silent network (a host gone, a cable pulled, a firewall that drops instead of 
 no reset: without keepalives and a TCP user timeout, a connection waits for a reply forever.
 This run needs root and iproute2: it adds a private address (10.99.99.1) to the loopback device,
 forwards it to the PostgreSQL of DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
-through a small proxy, opens connections to it, then removes the address and routes it into a
-blackhole, so that every packet to it is dropped without a word. Three cases, each with and
-without the settings: a query waiting for its reply when the network goes, a query sent after,
-and a new connection (to a listener whose full backlog drops every SYN, as a silent
-network does: a blackhole route refuses a local connect at once). It waits at most --give-up
-seconds for each and leaves the routes as they were.
+through tests/pgproxy.py (unarmed: it only forwards), opens connections to it, then removes the
+address and routes it into a blackhole, so that every packet to it is dropped without a word.
+Three cases, each with and without the settings: a query waiting for its reply when the network
+goes, a query sent after, and a new connection (to a listener whose full backlog drops every SYN,
+as a silent network does: a blackhole route refuses a local connect at once). It waits at most
+--give-up seconds for each and leaves the routes as they were.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config.env import POSTGRES_NETWORK_DEFAULTS
+from tests.pgproxy import PgCutProxy
 
 ADDRESS = "10.99.99.1"
 CUT_AT = [0.0]  # when the network went
-STUCK = [0]  # the port of a listener that answers no SYN
 
 
 def main() -> None:
@@ -52,16 +52,18 @@ def main() -> None:
 
     subprocess.run(["ip", "addr", "add", f"{ADDRESS}/32", "dev", "lo"], check=True)
     results: dict[tuple[str, str], str] = {}
+    proxy: PgCutProxy | None = None
     stuck: list[socket.socket] = []
     try:
-        threading.Thread(target=proxy, args=(server,), daemon=True).start()
-        stuck.extend(stuck_listener())
-        time.sleep(0.3)
+        proxy = PgCutProxy(server, host=ADDRESS)  # never armed: it only forwards
+        stuck = stuck_listener()
+        addresses = {"proxy": (ADDRESS, proxy.port), "stuck": ("127.0.0.1", stuck[0].getsockname()[1])}
         cut = threading.Event()
         cases = []
         for label, options in (("project defaults", POSTGRES_NETWORK_DEFAULTS), ("libpq's own", {})):
             for case in ("waiting for a reply", "query sent after", "new connection"):
-                cases.append(threading.Thread(target=run_case, args=(case, label, options, login, cut, results)))
+                arguments = (case, label, {**login, **options}, addresses, cut, results)
+                cases.append(threading.Thread(target=run_case, args=arguments))
         for thread in cases:
             thread.start()
         time.sleep(2)  # every connection is open, and the long queries are waiting
@@ -69,10 +71,11 @@ def main() -> None:
         subprocess.run(["ip", "route", "add", "blackhole", f"{ADDRESS}/32"], check=True)
         CUT_AT[0] = time.monotonic()
         cut.set()
-        started = time.monotonic()
         for thread in cases:
-            thread.join(timeout=max(0.0, args.give_up - (time.monotonic() - started)))
+            thread.join(timeout=max(0.0, args.give_up - (time.monotonic() - CUT_AT[0])))
     finally:
+        if proxy is not None:
+            proxy.close()
         for sock in stuck:
             sock.close()
         subprocess.run(["ip", "route", "del", "blackhole", f"{ADDRESS}/32"], check=False, capture_output=True)
@@ -98,14 +101,23 @@ def main() -> None:
 
 
 def run_case(
-    case: str, label: str, options: dict[str, str], login: dict[str, str], cut: threading.Event, results: dict
+    case: str,
+    label: str,
+    options: dict[str, str],
+    addresses: dict[str, tuple[str, int]],
+    cut: threading.Event,
+    results: dict,
 ) -> None:
+    """One case: `options` are the login and libpq settings, `addresses` the proxy's and the stuck
+    listener's; its outcome goes into `results`."""
     import psycopg
 
-    def connect() -> psycopg.Connection:
-        return psycopg.connect(host=ADDRESS, port=5432, autocommit=True, **login, **options)
+    def connect(to: str) -> psycopg.Connection:
+        host, port = addresses[to]
+        return psycopg.connect(host=host, port=port, autocommit=True, **options)
 
     def timed(work: Callable[[], object], since: Callable[[], float]) -> None:
+        """`since` is read once the wait ended: the cut's time is not known before."""
         try:
             work()
             results[(case, label)] = f"answered after {time.monotonic() - since():.0f} s"
@@ -113,56 +125,34 @@ def run_case(
             results[(case, label)] = f"error after {time.monotonic() - since():.0f} s ({type(error).__name__})"
 
     if case == "waiting for a reply":  # sent before the network goes, timed from when it went
-        conn = connect()
+        conn = connect("proxy")
         timed(lambda: conn.execute("SELECT pg_sleep(600)"), lambda: CUT_AT[0])
         return
-    conn = connect() if case == "query sent after" else None
+    conn = connect("proxy") if case == "query sent after" else None
     cut.wait()
     time.sleep(1)  # the network is gone
     started = time.monotonic()
     if conn is not None:
         timed(lambda: conn.execute("SELECT 1"), lambda: started)
-    else:  # to a server whose SYNs go unanswered (STUCK: its backlog is full)
-        address = {"host": "127.0.0.1", "port": STUCK[0], **login, **options}
-        timed(lambda: psycopg.connect(**address).close(), lambda: started)
+    else:  # to a server whose SYNs go unanswered
+        timed(lambda: connect("stuck").close(), lambda: started)
 
 
 def stuck_listener() -> list[socket.socket]:
-    """A listener whose backlog is full, so that the kernel drops every further SYN to it: what
-    a connect to a host behind a silent network meets."""
+    """A listener (first) whose backlog is full, so that the kernel drops every further SYN to it:
+    what a connect to a host behind a silent network meets."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
-    STUCK[0] = listener.getsockname()[1]
     fillers = []
     for _ in range(3):
         filler = socket.socket()
         filler.setblocking(False)
         with contextlib.suppress(BlockingIOError):  # it completes in the backlog, never accepted
-            filler.connect(("127.0.0.1", STUCK[0]))
+            filler.connect(listener.getsockname())
         fillers.append(filler)
     time.sleep(0.2)
     return [listener, *fillers]
-
-
-def proxy(server: tuple[str, int]) -> None:
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((ADDRESS, 5432))
-    listener.listen(32)
-    while True:
-        client, _ = listener.accept()
-        upstream = socket.create_connection(server)
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=pump, args=(source, sink), daemon=True).start()
-
-
-def pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -655,6 +655,7 @@ def floor_place(request_id: int, first_index: int) -> Any:
     disk's flush at commit, a core taken by a neighbour), which placement cannot go below."""
     from gpuscheduler.models import Assignment, AssignmentKind, Device
     from gpuscheduler.placement import _insert
+    from gpuscheduler.queues import device_queue_name
 
     global _floor_device
     if _floor_device is None:
@@ -668,7 +669,7 @@ def floor_place(request_id: int, first_index: int) -> Any:
                 image_count=IMAGES,
                 attempt=1,
                 job_id=f"samples-{uuid.uuid4().hex}",
-                queue_name=f"gpu.{_floor_device}",
+                queue_name=device_queue_name(_floor_device),
                 planned_device_id=_floor_device,
                 policy="floor",
                 reason="floor",

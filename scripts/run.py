@@ -38,7 +38,7 @@ def redis_answers(url: str) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except (redis.exceptions.RedisError, OSError):
         return False
 

@@ -19,19 +19,26 @@ SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 
 
 class PgCutProxy:
-    """Listens on 127.0.0.1:<port> and forwards to PostgreSQL at `upstream`.
+    """Listens on `host` (127.0.0.1):<port> and forwards to PostgreSQL at `upstream`; unarmed, it
+    only forwards (bench/bench_db_network.py puts it on an address it can route into a blackhole).
 
     `arm(n)` cuts the next `n` COMMITs sent on connections that have inserted into `table_marker`
     (the worker's image commit): the COMMIT reaches the server, its reply is dropped and both
     sides are closed.
     """
 
-    def __init__(self, upstream: tuple[str, int], table_marker: bytes = b'INSERT INTO "personas_sampleimage"') -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        table_marker: bytes = b'INSERT INTO "personas_sampleimage"',
+        host: str = "127.0.0.1",
+    ) -> None:
         self.upstream = upstream
+        self.host = host
         self.marker = table_marker
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind((host, 0))
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -42,7 +49,7 @@ class PgCutProxy:
         threading.Thread(target=self._accept, name="pgproxy-accept", daemon=True).start()
 
     def url(self, database: str, user: str = "postgres") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}"
 
     def arm(self, cuts: int) -> None:
         with self._lock:
